@@ -1,0 +1,41 @@
+# One virtual environment per checkout; every target installs what it needs first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+GENREC := $(VENV)/bin/genrec
+BUNDLE ?= bundles/ml-100k
+PIP_ARGS ?=
+
+.PHONY: install demo build eval test lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install $(PIP_ARGS) -e '.[cpu,dev]'
+	# PyPI's torchvision/torchaudio/torchcodec do not match the CPU torch build and break
+	# `transformers` imports; nothing here needs them.
+	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec || true
+	touch $@
+
+# The main job: fetch ML-100K, build the bundle, evaluate it (figures in $(BUNDLE)/eval.md).
+demo: install
+	$(GENREC) data fetch ml-100k
+	test -f $(BUNDLE)/manifest.json || $(GENREC) build --dataset ml-100k --out $(BUNDLE)
+	cat $(BUNDLE)/eval.md
+
+build: install
+	$(GENREC) build --dataset ml-100k --out $(BUNDLE)
+
+eval: install
+	$(GENREC) eval $(BUNDLE)
+
+lint: install
+	$(VENV)/bin/ruff check model_store service loadtest tests
+	$(VENV)/bin/mypy
+
+test: lint
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) bundles .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,260 @@
+"""`genrec build`: real interactions → one versioned, checksummed serving bundle.
+
+Read top to bottom: split → content vectors → user model → Semantic IDs → LLM + projector
+→ reranker (validation split) → published embeddings and histories → evaluation → manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import structlog
+import torch
+
+from model_store import content, data, llm, semantic_ids, user_model
+from model_store.bundle import Bundle, Histories, write_manifest
+from model_store.config import BuildConfig
+from model_store.data import Dataset
+from model_store.prompts import MODES, context_words
+from model_store.recommend import Recommender
+from model_store.reranker import candidate_features, save_reranker, train_reranker
+from model_store.trie import SIDTrie
+from model_store.vocab import Vocab, text_vocabulary
+
+log = structlog.get_logger()
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Which items each stage may see, by holdout mode (see README, 'Holdout')."""
+
+    fit: list[np.ndarray]  # sequences the user model and LLM train on
+    rerank_targets: np.ndarray  # per user: the item the reranker learns to rank (-1: none)
+    published: list[np.ndarray]  # histories the gateway serves from (end before holdout)
+    holdout: np.ndarray | None  # per user: held-out test item (-1: none)
+
+
+def plan_split(seqs: list[np.ndarray], holdout: str) -> Plan:
+    split = data.leave_one_out(seqs)
+    if holdout == "test":
+        published = [
+            np.concatenate([t, [v]]) if v >= 0 else t
+            for t, v in zip(split.train, split.valid, strict=True)
+        ]
+        return Plan(list(split.train), split.valid, published, split.test)
+    if holdout == "none":
+        fit = [s[:-1] if len(s) >= 2 else s for s in seqs]
+        last = np.array([s[-1] if len(s) >= 2 else -1 for s in seqs], dtype=np.int64)
+        return Plan(fit, last, list(seqs), None)
+    raise ValueError(f"--holdout must be 'test' or 'none', not {holdout!r}")
+
+
+class Timer:
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        start = time.perf_counter()
+        log.info("stage.start", stage=name)
+        yield
+        self.seconds[name] = round(time.perf_counter() - start, 2)
+        log.info("stage.done", stage=name, seconds=self.seconds[name])
+
+
+def _states_per_position(model: user_model.UserModel, seqs: list[np.ndarray]) -> list[np.ndarray]:
+    """For each user, row p = the user state after the first p items (row 0: zeros)."""
+    prefixes = [s[:p] for s in seqs for p in range(len(s))]
+    flat = user_model.user_states(model, prefixes)
+    offsets = np.concatenate([[0], np.cumsum([len(s) for s in seqs])])
+    return [flat[offsets[u] : offsets[u + 1]] for u in range(len(seqs))]
+
+
+def _fused_vectors(content_vecs: np.ndarray, collab: np.ndarray, cfg: BuildConfig) -> np.ndarray:
+    fused = np.concatenate([content_vecs * cfg.content_weight, collab * cfg.collab_weight], axis=1)
+    return (fused / np.linalg.norm(fused, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _catalog(ds: Dataset, codes: np.ndarray, popularity: np.ndarray) -> pd.DataFrame:
+    cat = ds.items[["item_id", "uri", "title", "kind", "creator", "year", "genres"]].copy()
+    cat["genres"] = [list(g) for g in cat["genres"]]
+    cat["popularity"] = popularity.astype(np.int64)
+    cat["sid"] = [list(map(int, row)) for row in codes]
+    return cat.reset_index(drop=True)
+
+
+def _users(ds: Dataset) -> pd.DataFrame:
+    users = ds.users[["user_id", "age", "gender", "occupation", "region"]].copy()
+    users["context"] = [
+        context_words(int(a), str(g), str(o), str(r))
+        for a, g, o, r in zip(
+            users["age"], users["gender"], users["occupation"], users["region"], strict=True
+        )
+    ]
+    return users.reset_index(drop=True)
+
+
+def _train_reranker_stage(
+    out: Path,
+    plan: Plan,
+    cfg: BuildConfig,
+    contexts: list[list[str]],
+    fit_states: np.ndarray,
+    show_progress: bool,
+) -> dict[str, Any]:
+    """Candidates for histories ending before the validation item; labels = that item."""
+    from model_store.engines import TorchEngine
+
+    rec = Recommender(Bundle(out, verified=False), with_reranker=False)
+    engine = TorchEngine.from_dir(rec.bundle.llm_dir)
+    users = np.flatnonzero(plan.rerank_targets >= 0)
+    mode = MODES["soft+prompt"]
+    groups, found = [], 0
+    for start in range(0, len(users), 128):
+        chunk = users[start : start + 128]
+        prompts = [rec.prompt(mode, plan.fit[u], fit_states[u], contexts[u]) for u in chunk]
+        for u, beams in zip(chunk, rec.generate(engine, prompts, cfg.beam_width), strict=True):
+            items = [b.item for b in beams]
+            x = candidate_features(
+                rec.table, fit_states[u], plan.fit[u], items, [b.logprob for b in beams]
+            )
+            y = (np.array(items) == plan.rerank_targets[u]).astype(np.float32)
+            found += int(y.any())
+            groups.append((x, y))
+    booster = train_reranker(groups, seed=cfg.seed, rounds=cfg.reranker_rounds)
+    save_reranker(booster, out / "reranker.txt")
+    return {"validation_users": len(users), "target_in_candidates": found / max(1, len(users))}
+
+
+def build(
+    ds: Dataset,
+    out: Path,
+    cfg: BuildConfig,
+    *,
+    holdout: str = "test",
+    base_model: Path | None = None,
+    run_eval: bool = True,
+    show_progress: bool = True,
+    cache_dir: Path | None = None,
+) -> dict[str, Any]:
+    """Builds the bundle into `out` (replaced) and returns its manifest."""
+    torch.manual_seed(cfg.seed)
+    timer = Timer()
+    if out.exists():
+        shutil.rmtree(out)
+    (out / "llm").mkdir(parents=True)
+    seqs = data.sequences(ds)
+    if cfg.max_users is not None:
+        seqs = seqs[: cfg.max_users]
+    plan = plan_split(seqs, holdout)
+    contexts = _users(ds)["context"].tolist()[: len(seqs)]
+
+    with timer.stage("content_vectors"):
+        content_vecs = content.encode_cached(
+            data.item_text(ds.items), cache_dir, progress=show_progress
+        )
+    with timer.stage("user_model"):
+        umodel = user_model.train_user_model(plan.fit, ds.n_items, cfg.user_model, show_progress)
+        collab = user_model.item_vectors(umodel)
+    with timer.stage("semantic_ids"):
+        sids = semantic_ids.assign_semantic_ids(_fused_vectors(content_vecs, collab, cfg), cfg.sid)
+        sid_stats = {**sids.stats, **semantic_ids.purity_report(sids.codes, ds.items["genres"])}
+        trie = SIDTrie.build(sids.codes)
+        log.info("semantic_ids", **{k: v for k, v in sid_stats.items() if not isinstance(v, list)})
+
+    with timer.stage("llm"):
+        level_sizes = [int(sids.codes[:, lv].max()) + 1 for lv in range(sids.codes.shape[1])]
+        words = text_vocabulary(
+            {w for c in contexts for w in c},
+            {g for gs in ds.items["genres"] for g in gs},
+            set(ds.items["kind"]),
+            ds.items["title"],
+        )
+        vocab = Vocab.build(words, level_sizes)
+        tokenizer = None
+        if base_model is not None:
+            model, vocab, tokenizer = llm.extend_base_model(base_model, vocab)
+        else:
+            model = llm.new_model(vocab, cfg.llm)
+        hidden = int(model.config.hidden_size)
+        projector = llm.Projector(cfg.user_model.dim, hidden, cfg.llm.n_soft)
+        training = llm.TrainingData(
+            train=plan.fit,
+            states=_states_per_position(umodel, plan.fit),
+            context=contexts,
+            item_sid_ids=vocab.sid_ids(sids.codes),
+            item_genres=list(ds.items["genres"]),
+        )
+        losses = llm.train_llm(model, projector, vocab, training, cfg.llm, show_progress)
+        llm.save_llm(model, vocab, out / "llm", tokenizer)
+        llm.save_projector(projector, out)
+
+    with timer.stage("write_artifacts"):
+        popularity = np.bincount(np.concatenate(plan.published), minlength=ds.n_items)
+        _catalog(ds, sids.codes, popularity).to_parquet(out / "catalog.parquet")
+        _users(ds).iloc[: len(seqs)].to_parquet(out / "users.parquet")
+        np.save(out / "sid_codes.npy", sids.codes)
+        np.save(out / "sid_codebooks.npy", sids.codebooks)
+        trie.save(out / "sid_trie.npz")
+        np.save(out / "item_embeddings.npy", collab)
+        np.save(out / "content_vectors.npy", content_vecs)
+        user_model.save_user_model(umodel, out)
+        np.save(out / "user_embeddings.npy", user_model.user_states(umodel, plan.published))
+        published = Histories.from_lists(plan.published)
+        np.savez(out / "histories.npz", items=published.items, offsets=published.offsets)
+        if plan.holdout is not None:
+            np.save(out / "holdout.npy", plan.holdout)
+
+    with timer.stage("reranker"):
+        fit_states = user_model.user_states(umodel, plan.fit)
+        reranker_stats = _train_reranker_stage(out, plan, cfg, contexts, fit_states, show_progress)
+
+    meta: dict[str, Any] = {
+        "dataset": ds.name,
+        "dataset_checksum": ds.checksum,
+        "holdout": holdout,
+        "held_out": "last interaction per user (test); histories end before it"
+        if holdout == "test"
+        else "nothing",
+        "n_users": len(seqs),
+        "n_items": ds.n_items,
+        "config": cfg.to_dict(),
+        "base_model": str(base_model) if base_model else None,
+        "semantic_ids": sid_stats,
+        "llm_losses": losses,
+        "reranker": reranker_stats,
+    }
+    write_manifest(out, meta)
+    if run_eval and plan.holdout is not None:
+        with timer.stage("evaluation"):
+            from model_store.engines import TorchEngine
+            from model_store.evaluate import evaluate, write_report
+
+            bundle = Bundle(out)
+            results = evaluate(
+                bundle,
+                TorchEngine.from_dir(bundle.llm_dir),
+                beam_width=cfg.beam_width,
+                seed=cfg.seed,
+                show_progress=show_progress,
+            )
+            write_report(results, out)
+            meta["evaluation"] = results
+    meta["build_seconds"] = timer.seconds
+    manifest = write_manifest(out, meta)
+    log.info(
+        "bundle.written",
+        out=str(out),
+        version=manifest["bundle_version"],
+        seconds=json.dumps(timer.seconds),
+    )
+    return manifest

@@ -1,0 +1,195 @@
+"""The serving bundle: one directory, one `manifest.json`, a sha256 for every file.
+
+The manifest is the contract between the offline builder and the gateway. `verify`
+refuses a bundle whose files are missing, altered or unlisted in a way that matters,
+before anything is loaded from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class BundleError(ValueError):
+    """The bundle cannot be served: the message names the file and the problem."""
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def bundle_files(directory: Path) -> list[str]:
+    return sorted(
+        p.relative_to(directory).as_posix()
+        for p in directory.rglob("*")
+        if p.is_file() and p.name != MANIFEST
+    )
+
+
+def write_manifest(directory: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """Checksums every file and names the bundle by its content, so equal builds match."""
+    files = {name: sha256_file(directory / name) for name in bundle_files(directory)}
+    content = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:12]
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "bundle_version": f"{meta.get('dataset', 'bundle')}-{content}",
+        **meta,
+        "files": files,
+    }
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    return manifest
+
+
+def verify(directory: Path) -> dict[str, Any]:
+    """The manifest, after checking schema and every checksum; BundleError otherwise."""
+    path = directory / MANIFEST
+    if not directory.is_dir():
+        raise BundleError(f"{directory}: not a directory")
+    if not path.is_file():
+        raise BundleError(f"{path}: missing manifest (partial or unfinished bundle?)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise BundleError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from e
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise BundleError(
+            f"{path}: schema version {manifest.get('schema_version')!r}, expected {SCHEMA_VERSION}"
+        )
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise BundleError(f"{path}: no file checksums")
+    for name, expected in sorted(files.items()):
+        file = directory / name
+        if not file.is_file():
+            raise BundleError(f"{file}: listed in the manifest but missing")
+        if sha256_file(file) != expected:
+            raise BundleError(f"{file}: sha256 does not match the manifest (altered file)")
+    return dict(manifest)
+
+
+@dataclass
+class Histories:
+    """Per-user item sequences stored flat: items[offsets[u]:offsets[u+1]]."""
+
+    items: np.ndarray
+    offsets: np.ndarray
+
+    @classmethod
+    def from_lists(cls, seqs: list[np.ndarray]) -> Histories:
+        lengths = np.array([len(s) for s in seqs], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        items = np.concatenate(seqs).astype(np.int64) if seqs else np.zeros(0, np.int64)
+        return cls(items, offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, user: int) -> np.ndarray:
+        return self.items[self.offsets[user] : self.offsets[user + 1]]
+
+    def to_lists(self) -> list[np.ndarray]:
+        return [self[u] for u in range(len(self))]
+
+
+class Bundle:
+    """A verified bundle; each artifact loads on first use."""
+
+    def __init__(self, directory: Path, verified: bool = True) -> None:
+        """`verified=False` is for the builder reading its own unfinished output."""
+        self.dir = Path(directory)
+        self.manifest: dict[str, Any] = verify(self.dir) if verified else {}
+
+    @property
+    def version(self) -> str:
+        return str(self.manifest.get("bundle_version", "unfinished"))
+
+    @cached_property
+    def catalog(self) -> pd.DataFrame:
+        return pd.read_parquet(self.dir / "catalog.parquet")
+
+    @cached_property
+    def users(self) -> pd.DataFrame:
+        return pd.read_parquet(self.dir / "users.parquet")
+
+    @cached_property
+    def sid_codes(self) -> np.ndarray:
+        return np.load(self.dir / "sid_codes.npy")
+
+    @cached_property
+    def trie(self) -> Any:
+        from model_store.trie import SIDTrie
+
+        return SIDTrie.load(self.dir / "sid_trie.npz")
+
+    @cached_property
+    def vocab(self) -> Any:
+        from model_store.vocab import Vocab
+
+        return Vocab.load(self.dir / "llm")
+
+    @cached_property
+    def item_sid_ids(self) -> np.ndarray:
+        return np.asarray(self.vocab.sid_ids(self.sid_codes))
+
+    @cached_property
+    def item_vectors(self) -> np.ndarray:
+        return np.load(self.dir / "item_embeddings.npy")
+
+    @cached_property
+    def content_vectors(self) -> np.ndarray:
+        return np.load(self.dir / "content_vectors.npy")
+
+    @cached_property
+    def user_embeddings(self) -> np.ndarray:
+        return np.load(self.dir / "user_embeddings.npy")
+
+    @cached_property
+    def histories(self) -> Histories:
+        with np.load(self.dir / "histories.npz") as f:
+            return Histories(f["items"], f["offsets"])
+
+    @cached_property
+    def holdout(self) -> np.ndarray | None:
+        path = self.dir / "holdout.npy"
+        return np.load(path) if path.exists() else None
+
+    @cached_property
+    def projector(self) -> Any:
+        from model_store.llm import load_projector
+
+        return load_projector(self.dir)
+
+    @cached_property
+    def user_model(self) -> Any:
+        from model_store.user_model import load_user_model
+
+        return load_user_model(self.dir)
+
+    @cached_property
+    def reranker(self) -> Any:
+        from model_store.reranker import load_reranker
+
+        return load_reranker(self.dir / "reranker.txt")
+
+    @property
+    def llm_dir(self) -> Path:
+        return self.dir / "llm"
+
+
+def load_bundle(directory: Path | str) -> Bundle:
+    return Bundle(Path(directory))

@@ -1,0 +1,164 @@
+"""The `genrec` command line."""
+
+from __future__ import annotations
+
+import json
+import time
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from model_store.data import Dataset
+
+app = typer.Typer(
+    help="genrec: generative recommendations over Semantic IDs.", no_args_is_help=True
+)
+data_app = typer.Typer(help="Fetch or generate interaction data.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+class Preset(StrEnum):
+    full = "full"
+    tiny = "tiny"
+
+
+class Holdout(StrEnum):
+    test = "test"
+    none = "none"
+
+
+class EngineKind(StrEnum):
+    torch = "torch"
+    vllm = "vllm"
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    return typer.Exit(code=2)
+
+
+def load_named_dataset(name_or_dir: str) -> Dataset:
+    """`ml-100k` (fetched and cached) or a directory of `<name>.inter/.item/.user` files."""
+    from model_store import data
+
+    if name_or_dir == "ml-100k":
+        return data.load_dataset(data.fetch_ml100k(), "ml-100k")
+    return data.load_dataset(Path(name_or_dir))
+
+
+@data_app.command("fetch")
+def fetch(dataset: Annotated[str, typer.Argument(help="Only 'ml-100k' is fetched.")]) -> None:
+    """Download MovieLens-100K (from the recbole 1.2.1 wheel), verify and cache it."""
+    from model_store import data
+
+    if dataset != "ml-100k":
+        raise _fail(f"unknown dataset {dataset!r}; only 'ml-100k' can be fetched")
+    try:
+        directory = data.fetch_ml100k()
+    except data.DataError as e:
+        raise _fail(str(e)) from e
+    typer.echo(str(directory))
+
+
+@data_app.command("synth")
+def synth(
+    out: Annotated[Path, typer.Option(help="Directory for the atomic files.")],
+    users: int = 1000,
+    items: int = 5000,
+    clusters: int = 32,
+    seed: int = 0,
+) -> None:
+    """Generate a synthetic music/podcast catalog with latent clusters."""
+    from model_store import synthetic
+
+    ds = synthetic.generate(users, items, clusters, seed=seed)
+    synthetic.write_atomic(ds, out)
+    typer.echo(
+        f"{ds.n_users} users, {ds.n_items} items, {len(ds.interactions)} interactions → {out}"
+    )
+
+
+@app.command()
+def build(
+    out: Annotated[Path, typer.Option(help="Bundle directory (replaced).")],
+    dataset: Annotated[
+        str, typer.Option(help="'ml-100k' or a directory of atomic files.")
+    ] = "ml-100k",
+    preset: Preset = Preset.full,
+    holdout: Holdout = Holdout.test,
+    base_model: Annotated[
+        Path | None, typer.Option(help="Pretrained HF causal LM to extend.")
+    ] = None,
+    seed: int = 0,
+    evaluate: Annotated[bool, typer.Option("--eval/--no-eval")] = True,
+    max_users: Annotated[int | None, typer.Option(help="Use only the first N users.")] = None,
+) -> None:
+    """Build a serving bundle (and, with a test holdout, evaluate it)."""
+    from dataclasses import replace
+
+    from model_store import data
+    from model_store.build import build as run_build
+    from model_store.config import PRESETS
+
+    cfg = PRESETS[preset.value].with_seed(seed)
+    if max_users is not None:
+        cfg = replace(cfg, max_users=max_users)
+    try:
+        ds = load_named_dataset(dataset)
+    except data.DataError as e:
+        raise _fail(str(e)) from e
+    start = time.perf_counter()
+    manifest = run_build(
+        ds,
+        out,
+        cfg,
+        holdout=holdout.value,
+        base_model=base_model,
+        run_eval=evaluate,
+        cache_dir=data.default_cache_dir(),
+    )
+    typer.echo(
+        f"bundle {manifest['bundle_version']} in {time.perf_counter() - start:.0f} s → {out}"
+    )
+    if "evaluation" in manifest:
+        from model_store.evaluate import lift_table
+
+        typer.echo(lift_table(manifest["evaluation"]))
+
+
+@app.command("eval")
+def eval_command(
+    bundle_dir: Annotated[Path, typer.Argument(help="Bundle directory.")],
+    out: Annotated[
+        Path | None, typer.Option(help="Report directory (default BUNDLE-eval).")
+    ] = None,
+    engine: EngineKind = EngineKind.torch,
+    beam_width: int = 50,
+    max_users: int | None = None,
+) -> None:
+    """Run the evaluation protocol on a bundle: eval.json, eval.md, eval.png."""
+    from model_store.bundle import BundleError, load_bundle
+    from model_store.engines import open_engine
+    from model_store.evaluate import evaluate, lift_table, write_report
+
+    try:
+        bundle = load_bundle(bundle_dir)
+    except BundleError as e:
+        raise _fail(str(e)) from e
+    start = time.perf_counter()
+    with open_engine(engine.value, bundle.llm_dir) as eng:
+        results = evaluate(bundle, eng, beam_width=beam_width, max_users=max_users)
+    target = out or bundle_dir.with_name(bundle_dir.name + "-eval")
+    write_report(results, target)
+    typer.echo(lift_table(results))
+    typer.echo(json.dumps({"seconds": round(time.perf_counter() - start, 1), "out": str(target)}))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""SID-constrained beam search, shared by the offline evaluation and the online gateway.
+
+The search walks the Semantic-ID prefix trie: at each of the L levels every live beam
+asks the engine for the log-probabilities of its *valid* children only, the scores are
+renormalised over those children, and the best B (prompt, prefix) rows survive. Every
+finished beam is a leaf of the trie, so every result is a real item and the B results of
+one prompt are distinct items by construction. (Like any beam search it is exact only
+when no prefix is cut; with B at least the number of nodes per level it ranks all items.)
+
+Engines differ only in how they compute next-token log-probabilities; they implement
+:class:`Engine` (open a :class:`Session` over a batch of prompts), and the search never
+looks inside them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from model_store.trie import SIDTrie
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A prompt in token ids; positions holding the `<user>` placeholder take `soft` rows.
+
+    `soft` has shape (n_placeholders, hidden) and is None when the prompt has no soft token.
+    """
+
+    token_ids: tuple[int, ...]
+    soft: np.ndarray | None = None
+    placeholder_id: int = -1
+
+    def soft_positions(self) -> list[int]:
+        return [i for i, t in enumerate(self.token_ids) if t == self.placeholder_id]
+
+
+class Session(Protocol):
+    """Live rows of one search: each row is (prompt index, SID tokens generated so far)."""
+
+    def logprobs(self, candidates: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Next-token log-probabilities of `candidates[r]` (token ids) for every live row r."""
+        ...
+
+    def extend(self, parents: np.ndarray, tokens: np.ndarray) -> None:
+        """Replace the live rows by `row parents[j]` followed by token `tokens[j]`."""
+        ...
+
+
+class Engine(Protocol):
+    def open(self, prompts: Sequence[Prompt]) -> Session: ...
+
+
+@dataclass
+class Beam:
+    """A finished beam: the item it names, its Semantic ID, and its log-probability."""
+
+    item: int
+    sid: tuple[int, ...]
+    logprob: float
+
+
+@dataclass
+class SearchStats:
+    engine_calls: int = 0
+    rows_scored: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Where the (level, code) tokens of the Semantic IDs sit in the LLM vocabulary."""
+
+    level_offsets: tuple[int, ...]
+
+    def token(self, level: int, code: np.ndarray | int) -> np.ndarray:
+        return np.asarray(code, dtype=np.int64) + self.level_offsets[level]
+
+    def code(self, level: int, token: np.ndarray | int) -> np.ndarray:
+        return np.asarray(token, dtype=np.int64) - self.level_offsets[level]
+
+
+def _log_normalise(values: np.ndarray) -> np.ndarray:
+    top = float(values.max())
+    return values - (top + float(np.log(np.exp(values - top).sum())))
+
+
+def beam_search(
+    engine: Engine,
+    prompts: Sequence[Prompt],
+    trie: SIDTrie,
+    layout: TokenLayout,
+    beam_width: int,
+    stats: SearchStats | None = None,
+) -> list[list[Beam]]:
+    """Top-`beam_width` distinct items per prompt, best first, only ever valid Semantic IDs."""
+    if beam_width < 1:
+        raise ValueError("beam_width must be at least 1")
+    if not prompts:
+        return []
+    session = engine.open(prompts)
+    owner = np.arange(len(prompts))  # prompt index of each live row
+    nodes = np.zeros(len(prompts), dtype=np.int64)  # trie node of each live row
+    scores = np.zeros(len(prompts), dtype=np.float64)
+    paths = np.zeros((len(prompts), 0), dtype=np.int64)  # codes so far, one row per beam
+    for level in range(trie.levels):
+        child_codes = [trie.children(int(n))[0] for n in nodes]
+        child_nodes = [trie.children(int(n))[1] for n in nodes]
+        tokens = [layout.token(level, c) for c in child_codes]
+        raw = session.logprobs(tokens)
+        if stats is not None:
+            stats.engine_calls += 1
+            stats.rows_scored.append(len(nodes))
+        cand_row = np.concatenate([np.full(len(c), r) for r, c in enumerate(child_codes)])
+        cand_code = np.concatenate(child_codes)
+        cand_node = np.concatenate(child_nodes)
+        cand_score = np.concatenate(
+            [
+                scores[r] + _log_normalise(np.asarray(lp, dtype=np.float64))
+                for r, lp in enumerate(raw)
+            ]
+        )
+        keep = _top_per_owner(owner[cand_row], cand_score, beam_width)
+        parents = cand_row[keep]
+        owner, nodes, scores = owner[parents], cand_node[keep], cand_score[keep]
+        paths = np.concatenate([paths[parents], cand_code[keep, None]], axis=1)
+        if level + 1 < trie.levels:
+            session.extend(parents, layout.token(level, cand_code[keep]))
+    results: list[list[Beam]] = [[] for _ in prompts]
+    for o, n, s, p in zip(owner, nodes, scores, paths, strict=True):
+        results[o].append(
+            Beam(item=trie.item_of(int(n)), sid=tuple(int(c) for c in p), logprob=float(s))
+        )
+    return results
+
+
+def _top_per_owner(owner: np.ndarray, score: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k best scores within each owner, grouped by owner, best first."""
+    order = np.lexsort((-score, owner))
+    sorted_owner = owner[order]
+    starts = np.searchsorted(sorted_owner, sorted_owner, side="left")
+    rank = np.arange(len(order)) - starts
+    return order[rank < k]

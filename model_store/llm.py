@@ -1,0 +1,295 @@
+"""The generative LLM (Qwen2 architecture, HF format) and its soft-token projector.
+
+Trained jointly on packed windows of each user's items (see `prompts.py` for the layout):
+the loss falls on the Semantic-ID tokens only. Each window's soft token is the user
+model's state *before* the window, i.e. a long-term embedding that lags the recent items
+written in the prompt, as a daily batch embedding does in production. Soft token, context
+and synthesised words are dropped at random so one model serves every ablation mode.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import AutoModelForCausalLM, PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
+
+from model_store.progress import progress_bar
+from model_store.prompts import prompt_ids
+from model_store.vocab import BOS, EOS, PAD, USER, Vocab
+
+CPU_ATTENTION_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)
+
+
+@dataclass(frozen=True)
+class LLMConfig:
+    hidden: int = 128
+    layers: int = 2
+    heads: int = 4
+    intermediate: int = 512
+    n_soft: int = 1
+    window: int = 21  # items per training window (history of up to window - 1 items)
+    epochs: int = 20
+    batch_size: int = 128
+    lr: float = 3e-3
+    p_drop_soft: float = 0.3
+    p_drop_context: float = 0.3
+    p_ask: float = 0.2
+    bf16: bool = True  # autocast the forward pass (fp32 master weights)
+    seed: int = 0
+
+
+class Projector(nn.Module):
+    """User embedding → n soft-token embeddings in the LLM's hidden size."""
+
+    def __init__(self, user_dim: int, hidden: int, n_soft: int) -> None:
+        super().__init__()
+        self.user_dim, self.hidden, self.n_soft = user_dim, hidden, n_soft
+        self.net = nn.Sequential(
+            nn.Linear(user_dim, 2 * hidden), nn.GELU(), nn.Linear(2 * hidden, hidden * n_soft)
+        )
+
+    def forward(self, user: torch.Tensor) -> torch.Tensor:
+        return self.net(user).reshape(*user.shape[:-1], self.n_soft, self.hidden)
+
+    def project(self, user: np.ndarray) -> np.ndarray:
+        """Numpy in, numpy out: (user_dim,) → (n_soft, hidden); used per request online."""
+        with torch.inference_mode():
+            return self(torch.from_numpy(np.asarray(user, dtype=np.float32))).numpy()
+
+
+def new_model(vocab: Vocab, cfg: LLMConfig) -> Qwen2ForCausalLM:
+    if cfg.hidden % cfg.heads or cfg.hidden // cfg.heads not in CPU_ATTENTION_HEAD_DIMS:
+        raise ValueError(f"head_dim {cfg.hidden / cfg.heads} is not one vLLM's CPU attention runs")
+    config = Qwen2Config(
+        vocab_size=len(vocab),
+        hidden_size=cfg.hidden,
+        intermediate_size=cfg.intermediate,
+        num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads,
+        num_key_value_heads=cfg.heads,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=vocab.id(BOS),
+        eos_token_id=vocab.id(EOS),
+        pad_token_id=vocab.id(PAD),
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        use_sliding_window=False,
+    )
+    config._attn_implementation = "eager"  # several times faster than sdpa to train on CPU
+    torch.manual_seed(cfg.seed)
+    return Qwen2ForCausalLM(config)
+
+
+def extend_base_model(base_dir: Path, vocab: Vocab) -> tuple[PreTrainedModel, Vocab, object]:
+    """Load a pretrained causal LM and append our words and SID tokens to its vocabulary.
+
+    Returns the model, the extended vocabulary (base tokens first, SID tokens last and
+    contiguous) and the base tokenizer with the new tokens added, for saving.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), torch_dtype=torch.float32)
+    head_dim = getattr(model.config, "head_dim", None) or (
+        model.config.hidden_size // model.config.num_attention_heads
+    )
+    if head_dim not in CPU_ATTENTION_HEAD_DIMS:
+        raise ValueError(f"{base_dir}: head_dim {head_dim} is not one vLLM's CPU attention runs")
+    base_vocab = tokenizer.get_vocab()
+    base_tokens = [t for t, _ in sorted(base_vocab.items(), key=lambda kv: kv[1])]
+    sid_start = vocab.sid_start
+    new_words = [t for t in vocab.tokens[:sid_start] if t not in base_vocab]
+    sids = list(vocab.tokens[sid_start:])
+    tokenizer.add_tokens(new_words + sids)
+    extended = Vocab(
+        (*base_tokens, *new_words, *sids), vocab.level_sizes, len(base_tokens) + len(new_words)
+    )
+    rows = int(model.config.vocab_size)
+    if rows < len(extended):
+        model.resize_token_embeddings(len(extended))
+    return model, extended, tokenizer
+
+
+@dataclass
+class TrainingData:
+    """Everything the trainer reads, all indexed by user."""
+
+    train: Sequence[np.ndarray]  # per-user item indices in time order
+    states: Sequence[np.ndarray]  # per-user (len(train), dim): user state after items [0..p)
+    context: Sequence[list[str]]  # per-user context words
+    item_sid_ids: np.ndarray  # (n_items, L) SID token ids
+    item_genres: Sequence[Sequence[str]]
+
+
+def _window_example(
+    vocab: Vocab,
+    data: TrainingData,
+    cfg: LLMConfig,
+    user: int,
+    start: int,
+    rng: np.random.Generator,
+) -> tuple[list[int], list[int], np.ndarray | None]:
+    items = data.train[user][start : start + cfg.window]
+    keep_soft = start > 0 and rng.random() >= cfg.p_drop_soft
+    keep_context = rng.random() >= cfg.p_drop_context
+    ask: list[str] = []
+    if rng.random() < cfg.p_ask:
+        genres = Counter(g for i in items[len(items) // 2 :] for g in data.item_genres[int(i)])
+        if genres:
+            ask = [genres.most_common(1)[0][0]]
+    head = prompt_ids(
+        vocab,
+        data.item_sid_ids,
+        [],
+        n_soft=cfg.n_soft if keep_soft else 0,
+        context=data.context[user] if keep_context else None,
+        ask=ask,
+    )
+    body = data.item_sid_ids[items].reshape(-1).tolist()
+    labels = [-100] * len(head) + body
+    soft = data.states[user][start] if keep_soft else None
+    return head + body, labels, soft
+
+
+def _epoch_examples(
+    vocab: Vocab, data: TrainingData, cfg: LLMConfig, rng: np.random.Generator
+) -> list[tuple[list[int], list[int], np.ndarray | None]]:
+    examples = []
+    for user, seq in enumerate(data.train):
+        if len(seq) == 0:
+            continue
+        offset = int(rng.integers(0, cfg.window)) if len(seq) > cfg.window else 0
+        for start in range(-offset, len(seq), cfg.window):
+            examples.append(_window_example(vocab, data, cfg, user, max(0, start), rng))
+    return examples
+
+
+def _batch_tensors(
+    batch: Sequence[tuple[list[int], list[int], np.ndarray | None]], pad_id: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    length = max(len(ids) for ids, _, _ in batch)
+    ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), length), -100, dtype=torch.long)
+    mask = torch.zeros((len(batch), length), dtype=torch.long)
+    for row, (tokens, target, _) in enumerate(batch):
+        ids[row, : len(tokens)] = torch.tensor(tokens)
+        labels[row, : len(target)] = torch.tensor(target)
+        mask[row, : len(tokens)] = 1
+    softs = [s for _, _, s in batch if s is not None]
+    users = torch.from_numpy(np.stack(softs)) if softs else None
+    return ids, labels, mask, users
+
+
+def embed_with_soft(
+    model: PreTrainedModel, ids: torch.Tensor, soft: torch.Tensor | None, user_id: int
+) -> torch.Tensor:
+    """Token embeddings with the `<user>` positions replaced by soft-token rows, in order."""
+    embeds = model.get_input_embeddings()(ids)
+    if soft is None:
+        return embeds
+    placeholder = (ids == user_id).unsqueeze(-1)
+    rows = soft.reshape(-1, soft.shape[-1]).to(embeds.dtype)
+    filled = torch.zeros_like(embeds).masked_scatter(placeholder, rows)
+    return torch.where(placeholder, filled, embeds)
+
+
+def train_llm(
+    model: PreTrainedModel,
+    projector: Projector,
+    vocab: Vocab,
+    data: TrainingData,
+    cfg: LLMConfig,
+    show_progress: bool = True,
+) -> list[float]:
+    """Joint next-SID training of LLM and projector; returns the mean loss per epoch."""
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    params = list(model.parameters()) + list(projector.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
+    windows = sum(math.ceil(len(s) / cfg.window) + (len(s) > cfg.window) for s in data.train)
+    steps_per_epoch = math.ceil(windows / cfg.batch_size)
+    total_steps = max(1, steps_per_epoch * cfg.epochs)
+    warmup = max(1, total_steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * s / total_steps)))
+    )
+    user_id, pad_id = vocab.id(USER), vocab.id(PAD)
+    losses = []
+    bar = progress_bar(cfg.epochs, "generative LLM", show_progress)
+    model.train()
+    projector.train()
+    for _ in range(cfg.epochs):
+        examples = _epoch_examples(vocab, data, cfg, rng)
+        order = rng.permutation(len(examples))
+        total, count = 0.0, 0
+        for start in range(0, len(order), cfg.batch_size):
+            batch = [examples[i] for i in order[start : start + cfg.batch_size]]
+            ids, labels, mask, users = _batch_tensors(batch, pad_id)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+                soft = projector(users) if users is not None else None
+                embeds = embed_with_soft(model, ids, soft, user_id)
+                loss = model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            schedule.step()
+            total += loss.item()
+            count += 1
+        losses.append(total / max(1, count))
+        bar.advance(loss=losses[-1])
+    bar.close()
+    model.eval()
+    projector.eval()
+    return losses
+
+
+def save_llm(
+    model: PreTrainedModel, vocab: Vocab, directory: Path, tokenizer: object | None = None
+) -> None:
+    """HF directory loadable by transformers and vLLM, with a neutral generation config."""
+    model.save_pretrained(str(directory), safe_serialization=True)
+    vocab.save(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(directory))  # type: ignore[attr-defined]
+    neutral = {
+        "bos_token_id": vocab.id(BOS),
+        "eos_token_id": vocab.id(EOS),
+        "pad_token_id": vocab.id(PAD),
+        "do_sample": False,
+    }
+    (directory / "generation_config.json").write_text(json.dumps(neutral, indent=2))
+
+
+def load_llm(directory: Path) -> PreTrainedModel:
+    model = AutoModelForCausalLM.from_pretrained(str(directory), torch_dtype=torch.float32)
+    model.eval()
+    return model
+
+
+def save_projector(projector: Projector, directory: Path) -> list[str]:
+    save_file(projector.state_dict(), str(directory / "projector.safetensors"))
+    meta = {"user_dim": projector.user_dim, "hidden": projector.hidden, "n_soft": projector.n_soft}
+    (directory / "projector.json").write_text(json.dumps(meta))
+    return ["projector.safetensors", "projector.json"]
+
+
+def load_projector(directory: Path) -> Projector:
+    meta = json.loads((directory / "projector.json").read_text())
+    projector = Projector(meta["user_dim"], meta["hidden"], meta["n_soft"])
+    projector.load_state_dict(load_file(str(directory / "projector.safetensors")))
+    projector.eval()
+    return projector
+
+
+def config_dict(cfg: LLMConfig) -> dict[str, object]:
+    return asdict(cfg)

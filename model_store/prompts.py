@@ -1,0 +1,82 @@
+"""Prompt layout, shared by training, evaluation and the gateway.
+
+    <bos> [<user> × n_soft] [<ctx> context words] [<ask> user words] <hist> SID SID SID ...
+
+Training packs a window of a user's items after `<hist>`, so every item is learnt as the
+next item of the ones before it; at inference the history is the user's recent items and
+the model writes the next Semantic ID. Soft token, context and words are each optional:
+training drops them at random so one model serves every ablation mode.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from model_store.vocab import ASK, BOS, CTX, HIST, USER, Vocab, words_of
+
+_AGE_BUCKETS = (
+    (18, "age:under-18"),
+    (25, "age:18-24"),
+    (35, "age:25-34"),
+    (45, "age:35-44"),
+    (50, "age:45-49"),
+    (56, "age:50-55"),
+)
+
+
+def age_word(age: int) -> str:
+    if age < 0:
+        return "age:unknown"
+    return next((word for limit, word in _AGE_BUCKETS if age < limit), "age:56-plus")
+
+
+def context_words(age: int, gender: str, occupation: str, region: str) -> list[str]:
+    """A user's facts as prompt words (e.g. ['age:25-34', 'gender:m', 'occ:writer', 'region:9'])."""
+    return [
+        age_word(age),
+        f"gender:{gender.lower() or 'unknown'}",
+        f"occ:{occupation.lower() or 'unknown'}",
+        f"region:{region.lower() or 'unknown'}",
+    ]
+
+
+@dataclass(frozen=True)
+class Mode:
+    """Which parts of the prompt one ablation mode uses."""
+
+    soft: bool
+    context: bool
+    history: int  # most recent items written into the prompt
+
+
+MODES: dict[str, Mode] = {
+    "baseline": Mode(soft=False, context=False, history=1),
+    "prompt": Mode(soft=False, context=True, history=20),
+    "soft": Mode(soft=True, context=False, history=1),
+    "soft+prompt": Mode(soft=True, context=True, history=20),
+}
+
+
+def prompt_ids(
+    vocab: Vocab,
+    item_sid_ids: np.ndarray,
+    history: Sequence[int],
+    *,
+    n_soft: int = 0,
+    context: Sequence[str] | None = None,
+    ask: str | Sequence[str] = (),
+) -> list[int]:
+    """Token ids of one prompt; `item_sid_ids` is the (n_items, L) SID token table."""
+    ids = [vocab.id(BOS)] + [vocab.id(USER)] * n_soft
+    if context:
+        ids += [vocab.id(CTX), *vocab.ids(context)]
+    words = words_of(ask) if isinstance(ask, str) else list(ask)
+    if words:
+        ids += [vocab.id(ASK), *vocab.ids(words)]
+    ids.append(vocab.id(HIST))
+    if len(history):
+        ids += item_sid_ids[np.asarray(history, dtype=np.int64)].reshape(-1).tolist()
+    return ids

@@ -1,0 +1,125 @@
+"""One recommendation core over a bundle: prompts, constrained generation, reranking, and
+the non-generative paths (ANN over the user model, popularity).
+
+The offline evaluation and the online gateway both call this object, so what is
+measured is what is served.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+
+from model_store.bundle import Bundle
+from model_store.generation import Beam, Engine, Prompt, SearchStats, beam_search
+from model_store.prompts import Mode, prompt_ids
+from model_store.reranker import ItemTable, candidate_features, rerank
+from model_store.vocab import USER
+
+
+@dataclass(frozen=True)
+class Scored:
+    item: int
+    score: float
+
+
+def genre_matrix(genres: Sequence[Sequence[str]]) -> tuple[np.ndarray, list[str]]:
+    names = sorted({g for gs in genres for g in gs})
+    column = {g: i for i, g in enumerate(names)}
+    matrix = np.zeros((len(genres), len(names)), dtype=np.float32)
+    for row, gs in enumerate(genres):
+        matrix[row, [column[g] for g in gs]] = 1.0
+    return matrix, names
+
+
+def unseen(items: Iterable[int], seen: set[int], k: int) -> list[int]:
+    """The first k items not in `seen` (the 'no repeats' rule and the protocol's exclusion)."""
+    out = []
+    for item in items:
+        if item not in seen:
+            out.append(item)
+            if len(out) == k:
+                break
+    return out
+
+
+class Recommender:
+    def __init__(self, bundle: Bundle, with_reranker: bool = True) -> None:
+        self.bundle = bundle
+        catalog = bundle.catalog
+        genres, self.genre_names = genre_matrix([list(g) for g in catalog["genres"]])
+        popularity = catalog["popularity"].to_numpy(dtype=np.float64)
+        self.table = ItemTable(
+            vectors=bundle.item_vectors,
+            content=bundle.content_vectors,
+            genres=genres,
+            log_popularity=np.log1p(popularity).astype(np.float32),
+            year=catalog["year"].to_numpy(dtype=np.float32),
+        )
+        self.popular_order = np.argsort(-popularity, kind="stable")
+        self.index = faiss.IndexFlatIP(bundle.item_vectors.shape[1])
+        self.index.add(np.ascontiguousarray(bundle.item_vectors, dtype=np.float32))
+        self.vocab = bundle.vocab
+        self.layout = self.vocab.layout
+        self.item_sid_ids = bundle.item_sid_ids
+        self.projector = bundle.projector
+        self.reranker = bundle.reranker if with_reranker else None
+        self.n_items = len(catalog)
+
+    def prompt(
+        self,
+        mode: Mode,
+        history: Sequence[int],
+        user: np.ndarray | None,
+        context: Sequence[str] | None,
+        ask: str | Sequence[str] = (),
+    ) -> Prompt:
+        """The prompt for one request; the soft token only when the mode and a vector allow."""
+        soft = None
+        if mode.soft and user is not None and np.any(user):
+            soft = self.projector.project(user)
+        recent = list(history)[-mode.history :] if mode.history else []
+        ids = prompt_ids(
+            self.vocab,
+            self.item_sid_ids,
+            recent,
+            n_soft=0 if soft is None else len(soft),
+            context=context if mode.context else None,
+            ask=ask,
+        )
+        return Prompt(tuple(ids), soft, self.vocab.id(USER))
+
+    def generate(
+        self,
+        engine: Engine,
+        prompts: Sequence[Prompt],
+        beam_width: int,
+        stats: SearchStats | None = None,
+    ) -> list[list[Beam]]:
+        return beam_search(engine, prompts, self.bundle.trie, self.layout, beam_width, stats)
+
+    def rerank(
+        self, user: np.ndarray | None, history: Sequence[int], beams: Sequence[Beam]
+    ) -> list[Scored]:
+        if not beams:
+            return []
+        if self.reranker is None:
+            return [Scored(b.item, b.logprob) for b in beams]
+        x = candidate_features(
+            self.table, user, history, [b.item for b in beams], [b.logprob for b in beams]
+        )
+        order, scores = rerank(self.reranker, x)
+        return [Scored(beams[i].item, float(scores[i])) for i in order]
+
+    def popular(self, seen: set[int], k: int) -> list[int]:
+        return unseen(self.popular_order.tolist(), seen, k)
+
+    def nearest(self, user: np.ndarray, seen: set[int], k: int) -> list[Scored]:
+        """Items closest to the user vector (the ANN fallback), unseen ones only."""
+        query = np.asarray(user, dtype=np.float32)[None]
+        scores, items = self.index.search(query, min(self.n_items, k + len(seen)))
+        pairs = [(int(i), float(s)) for i, s in zip(items[0], scores[0], strict=True) if i >= 0]
+        return [Scored(i, s) for i, s in pairs if i not in seen][:k]

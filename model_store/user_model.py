@@ -1,0 +1,151 @@
+"""User model: a causal transformer over item sequences (SASRec-like).
+
+Trained with a full softmax over cosine similarities, so user states and item vectors are
+L2-normalised into one space: a user is comparable (and plottable) with items by dot
+product. Its user states become the daily user embeddings in Redis and the soft token's
+input; its item vectors feed the Semantic IDs and the ANN fallback.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn import functional as F
+
+from model_store.progress import progress_bar
+
+
+@dataclass(frozen=True)
+class UserModelConfig:
+    dim: int = 64
+    layers: int = 2
+    heads: int = 2
+    max_len: int = 50
+    dropout: float = 0.2
+    epochs: int = 40
+    batch_size: int = 128
+    lr: float = 2e-3
+    temperature: float = 0.1
+    seed: int = 0
+
+
+class UserModel(nn.Module):
+    """Item sequence → one L2-normalised state per position (index 0 is padding)."""
+
+    def __init__(self, n_items: int, cfg: UserModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.n_items = n_items
+        self.item = nn.Embedding(n_items + 1, cfg.dim, padding_idx=0)
+        self.position = nn.Embedding(cfg.max_len, cfg.dim)
+        layer = nn.TransformerEncoderLayer(
+            cfg.dim, cfg.heads, 2 * cfg.dim, cfg.dropout, batch_first=True, norm_first=True
+        )
+        self.encoder = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(cfg.dim)
+        nn.init.normal_(self.item.weight, std=0.1)
+
+    def forward(self, padded: torch.Tensor) -> torch.Tensor:
+        """`padded`: (batch, max_len) item index + 1, left-padded with 0."""
+        length = padded.shape[1]
+        positions = torch.arange(length, device=padded.device)
+        x = self.item(padded) + self.position(positions)[None]
+        causal = torch.triu(torch.ones(length, length, dtype=torch.bool), diagonal=1)
+        h = self.encoder(x, mask=causal, src_key_padding_mask=padded == 0, is_causal=True)
+        return F.normalize(self.norm(h), dim=-1)
+
+    def item_vectors(self) -> torch.Tensor:
+        return F.normalize(self.item.weight[1:], dim=-1)
+
+
+def _left_pad(windows: Sequence[np.ndarray], length: int) -> torch.Tensor:
+    out = np.zeros((len(windows), length), dtype=np.int64)
+    for row, w in enumerate(windows):
+        w = w[-length:]
+        if len(w):
+            out[row, length - len(w) :] = w + 1
+    return torch.from_numpy(out)
+
+
+def _training_windows(train: Sequence[np.ndarray], max_len: int) -> list[np.ndarray]:
+    """Non-overlapping windows of max_len + 1 items from each sequence's end backwards."""
+    windows = []
+    for seq in train:
+        end = len(seq)
+        while end >= 2:
+            windows.append(seq[max(0, end - max_len - 1) : end])
+            end -= max_len
+    return windows
+
+
+def train_user_model(
+    train: Sequence[np.ndarray], n_items: int, cfg: UserModelConfig, show_progress: bool = True
+) -> UserModel:
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    model = UserModel(n_items, cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.0)
+    windows = _training_windows(train, cfg.max_len)
+    bar = progress_bar(cfg.epochs, "user model", show_progress)
+    for _ in range(cfg.epochs):
+        model.train()
+        order = rng.permutation(len(windows))
+        total = 0.0
+        for start in range(0, len(order), cfg.batch_size):
+            batch = [windows[i] for i in order[start : start + cfg.batch_size]]
+            inputs = _left_pad([w[:-1] for w in batch], cfg.max_len)
+            targets = _left_pad([w[1:] for w in batch], cfg.max_len) - 1
+            states = model(inputs)
+            logits = states @ model.item_vectors().T / cfg.temperature
+            mask = targets >= 0
+            loss = F.cross_entropy(logits[mask], targets[mask])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += float(loss) * len(batch)
+        bar.advance(loss=total / max(1, len(windows)))
+    bar.close()
+    model.eval()
+    return model
+
+
+@torch.inference_mode()
+def user_states(model: UserModel, histories: Sequence[np.ndarray], batch: int = 1024) -> np.ndarray:
+    """The normalised state after each history (zeros for an empty history)."""
+    out = np.zeros((len(histories), model.cfg.dim), dtype=np.float32)
+    for start in range(0, len(histories), batch):
+        chunk = histories[start : start + batch]
+        states = model(_left_pad(chunk, model.cfg.max_len))[:, -1].numpy()
+        empty = np.array([len(h) == 0 for h in chunk])
+        states[empty] = 0.0
+        out[start : start + len(chunk)] = states
+    return out
+
+
+@torch.inference_mode()
+def item_vectors(model: UserModel) -> np.ndarray:
+    return model.item_vectors().numpy().astype(np.float32)
+
+
+def save_user_model(model: UserModel, directory: Path) -> list[str]:
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file(model.state_dict(), str(directory / "user_model.safetensors"))
+    config = {"n_items": model.n_items, **asdict(model.cfg)}
+    (directory / "user_model.json").write_text(json.dumps(config, indent=2))
+    return ["user_model.safetensors", "user_model.json"]
+
+
+def load_user_model(directory: Path) -> UserModel:
+    config = json.loads((directory / "user_model.json").read_text())
+    n_items = config.pop("n_items")
+    model = UserModel(n_items, UserModelConfig(**config))
+    model.load_state_dict(load_file(str(directory / "user_model.safetensors")))
+    model.eval()
+    return model

@@ -13,9 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -78,7 +81,12 @@ def save_random_qwen2(
 
 
 def _timed(fn: Callable[[], object], repeats: int) -> float:
-    """Median milliseconds of `repeats` calls after one warm-up call."""
+    """Median milliseconds of `repeats` calls after two warm-up calls.
+
+    The first calls at a new batch shape are slow on both engines (oneDNN builds its
+    kernels per shape), which is start-up cost, not search cost.
+    """
+    fn()
     fn()
     times = []
     for _ in range(repeats):
@@ -88,8 +96,99 @@ def _timed(fn: Callable[[], object], repeats: int) -> float:
     return 1000.0 * float(np.median(times))
 
 
+def _measure(args: argparse.Namespace) -> dict[str, float]:
+    """Figures for one engine, measured in this process only."""
+    import torch
+
+    from model_store.engines import TorchEngine, VLLMEngine, load_input_embeddings
+    from model_store.generation import Prompt, TokenLayout, beam_search
+    from model_store.trie import SIDTrie
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    table = load_input_embeddings(args.model_dir)
+    vocab, hidden = (int(n) for n in table.shape)
+    first_sid = vocab - args.levels * args.codes
+    if first_sid < 8:
+        raise SystemExit("vocabulary too small for the requested SID levels")
+    layout = TokenLayout(tuple(first_sid + lv * args.codes for lv in range(args.levels)))
+    rng = np.random.default_rng(0)
+    trie = SIDTrie.build(np.unique(rng.integers(0, args.codes, (args.items, args.levels)), axis=0))
+    user_id = 4
+
+    def prompt() -> Prompt:
+        words = rng.integers(5, first_sid, args.prompt_len - 1)
+        soft = rng.normal(0, 0.1, (1, hidden)).astype(np.float32)
+        return Prompt((user_id, *(int(w) for w in words)), soft, user_id)
+
+    cases = {"1": [prompt()], "batch": [prompt() for _ in range(args.batch)]}
+    figures: dict[str, float] = {"trie_items": trie.n_items}
+    if args.only == "torch":
+        engine = TorchEngine.from_dir(args.model_dir)
+        figures["threads"] = torch.get_num_threads()
+        for name, prompts in cases.items():
+            figures[name] = _timed(
+                partial(beam_search, engine, prompts, trie, layout, args.beam), args.repeats
+            )
+        return figures
+
+    from vllm import TextPrompt, TokensPrompt
+    from vllm.sampling_params import BeamSearchParams
+
+    start = time.perf_counter()
+    # LLM.beam_search asks for 2 * width log-probs per step, above the default cap of 20.
+    with VLLMEngine(args.model_dir, max_logprobs=2 * args.beam) as vllm_engine:
+        figures["startup_s"] = time.perf_counter() - start
+        figures["threads"] = torch.get_num_threads()
+        for name, prompts in cases.items():
+            figures[name] = _timed(
+                partial(beam_search, vllm_engine, prompts, trie, layout, args.beam), args.repeats
+            )
+        llm = vllm_engine.llm
+        assert llm is not None
+        params = BeamSearchParams(beam_width=args.beam, max_tokens=args.levels, ignore_eos=True)
+        for name, prompts in cases.items():
+            tokens: list[TokensPrompt | TextPrompt] = [
+                TokensPrompt(prompt_token_ids=[max(t, 5) for t in p.token_ids]) for p in prompts
+            ]
+            native = partial(llm.beam_search, tokens, params)
+            figures[f"native_{name}"] = _timed(native, args.repeats)
+    return figures
+
+
+def _child(args: argparse.Namespace, engine: str, model_dir: Path) -> dict[str, float]:
+    """Runs one engine's measurement in a fresh interpreter and reads its JSON line.
+
+    One process per engine: an in-process vLLM binds the process's OpenMP threads and
+    replaces `torch.set_num_threads`, which slows any other torch work done beside it.
+    """
+    cmd = [
+        sys.executable,
+        "-m",
+        "loadtest.bench_engines",
+        "--only",
+        engine,
+        "--model-dir",
+        str(model_dir),
+    ]
+    for key in ("beam", "levels", "codes", "items", "prompt_len", "batch", "repeats", "threads"):
+        cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    env = dict(os.environ)
+    if args.in_process:
+        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    for line in done.stdout.splitlines():
+        if line.startswith(_RESULT):
+            result: dict[str, float] = json.loads(line[len(_RESULT) :])
+            return result
+    raise SystemExit(f"{engine} benchmark failed:\n{done.stderr[-4000:]}")
+
+
+_RESULT = "RESULT "
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument(
         "--model-dir",
         type=Path,
@@ -102,94 +201,48 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=5000)
     parser.add_argument("--prompt-len", type=int, default=60)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads for the torch engine (0: torch's default)",
+    )
     parser.add_argument(
         "--in-process",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="run vLLM's engine core in this process",
+        help="run vLLM's engine core in the benchmarking process",
     )
+    parser.add_argument("--only", choices=("torch", "vllm"), default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.in_process:
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-
-    import torch
-
-    from model_store.engines import TorchEngine, VLLMEngine
-    from model_store.generation import Prompt, TokenLayout, beam_search
-    from model_store.trie import SIDTrie
+    if args.only:
+        print(_RESULT + json.dumps(_measure(args)), flush=True)
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model_dir or save_random_qwen2(Path(tmp) / "model")
-        torch_engine = TorchEngine.from_dir(model_dir)
-        vocab, hidden = torch_engine.table.shape
-        first_sid = int(vocab) - args.levels * args.codes
-        if first_sid < 8:
-            raise SystemExit("vocabulary too small for the requested SID levels")
-        layout = TokenLayout(tuple(first_sid + lv * args.codes for lv in range(args.levels)))
-        rng = np.random.default_rng(0)
-        codes = np.unique(rng.integers(0, args.codes, (args.items, args.levels)), axis=0)
-        trie = SIDTrie.build(codes)
-        user_id = 4
-
-        def prompt() -> Prompt:
-            words = rng.integers(5, first_sid, args.prompt_len - 1)
-            soft = rng.normal(0, 0.1, (1, int(hidden))).astype(np.float32)
-            return Prompt((user_id, *(int(w) for w in words)), soft, user_id)
-
-        one = [prompt()]
-        batch = [prompt() for _ in range(args.batch)]
-        figures: dict[str, float] = {}
-        threads_before = torch.get_num_threads()
-        for name, prompts in (("1", one), (str(args.batch), batch)):
-            figures[f"torch_{name}"] = _timed(
-                lambda p=prompts: beam_search(torch_engine, p, trie, layout, args.beam),
-                args.repeats,
-            )
-
-        start = time.perf_counter()
-        # LLM.beam_search asks for 2 * width log-probs per step, above the default cap of 20.
-        vllm_engine = VLLMEngine(model_dir, max_logprobs=2 * args.beam)
-        figures["vllm_startup_s"] = time.perf_counter() - start
-        # vLLM drops this process to one torch thread for serving: time torch again under it.
-        threads_after = torch.get_num_threads()
-        for name, prompts in (("1", one), (str(args.batch), batch)):
-            figures[f"torch1t_{name}"] = _timed(
-                lambda p=prompts: beam_search(torch_engine, p, trie, layout, args.beam),
-                args.repeats,
-            )
-        with vllm_engine:
-            for name, prompts in (("1", one), (str(args.batch), batch)):
-                figures[f"vllm_{name}"] = _timed(
-                    lambda p=prompts: beam_search(vllm_engine, p, trie, layout, args.beam),
-                    args.repeats,
-                )
-            from vllm import TokensPrompt
-            from vllm.sampling_params import BeamSearchParams
-
-            llm = vllm_engine.llm
-            assert llm is not None
-            params = BeamSearchParams(beam_width=args.beam, max_tokens=args.levels, ignore_eos=True)
-            for name, prompts in (("1", one), (str(args.batch), batch)):
-                tokens = [
-                    TokensPrompt(prompt_token_ids=[max(t, 5) for t in p.token_ids]) for p in prompts
-                ]
-                figures[f"vllm_native_{name}"] = _timed(
-                    lambda t=tokens: llm.beam_search(t, params), args.repeats
-                )
-
+        t = _child(args, "torch", model_dir)
+        v = _child(args, "vllm", model_dir)
+    b = str(args.batch)
     print(
-        f"beam {args.beam}, {args.levels} levels, prompt {args.prompt_len} tokens with a soft "
-        f"token, trie {trie.n_items} items; median ms per search call ({args.repeats} runs):"
+        f"beam {args.beam}, {args.levels} levels x {args.codes} codes, "
+        f"{int(t['trie_items'])} items, prompt {args.prompt_len} tokens with a soft token; "
+        f"median ms per search call over {args.repeats} runs"
     )
-    for name in ("1", str(args.batch)):
-        t, t1, v, n = (figures[f"{e}_{name}"] for e in ("torch", "torch1t", "vllm", "vllm_native"))
+    print(
+        f"{'prompts':>8} {'torch':>9} {'vllm':>9} {'vllm.beam_search':>17} "
+        f"{'vllm/torch':>11} {'vllm/native':>12}"
+    )
+    for name, label in (("1", "1"), ("batch", b)):
         print(
-            f"  {name:>2} prompt(s): torch {t:7.1f} ({threads_before} thr)  torch {t1:7.1f} "
-            f"({threads_after} thr)  vllm {v:7.1f}  vllm.beam_search {n:7.1f}  | "
-            f"vllm/torch {v / t1:5.2f}  vllm/vllm.beam_search {v / n:5.2f}"
+            f"{label:>8} {t[name]:9.1f} {v[name]:9.1f} {v['native_' + name]:17.1f} "
+            f"{v[name] / t[name]:11.2f} {v[name] / v['native_' + name]:12.2f}"
         )
-    print(f"  vLLM engine start-up: {figures['vllm_startup_s']:.1f} s (incl. warm-up request)")
+    print(
+        f"torch threads {int(t['threads'])}, vLLM torch threads {int(v['threads'])}; "
+        f"vLLM engine start-up {v['startup_s']:.1f} s (incl. one warm-up request)"
+    )
 
 
 if __name__ == "__main__":

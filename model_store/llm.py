@@ -43,7 +43,7 @@ class LLMConfig:
     p_drop_soft: float = 0.3
     p_drop_context: float = 0.3
     p_ask: float = 0.2
-    bf16: bool = True  # autocast the forward pass (fp32 master weights)
+    bf16: bool = False  # autocast the forward pass to bfloat16 (fp32 master weights)
     seed: int = 0
 
 
@@ -98,7 +98,7 @@ def extend_base_model(base_dir: Path, vocab: Vocab) -> tuple[PreTrainedModel, Vo
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir), torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
     head_dim = getattr(model.config, "head_dim", None) or (
         model.config.hidden_size // model.config.num_attention_heads
     )
@@ -238,6 +238,8 @@ def train_llm(
                 soft = projector(users) if users is not None else None
                 embeds = embed_with_soft(model, ids, soft, user_id)
                 loss = model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"LLM training diverged (loss {loss.item()}); lower --lr")
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -271,7 +273,7 @@ def save_llm(
 
 
 def load_llm(directory: Path) -> PreTrainedModel:
-    model = AutoModelForCausalLM.from_pretrained(str(directory), torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32)
     model.eval()
     return model
 

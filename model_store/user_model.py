@@ -109,7 +109,7 @@ def train_user_model(
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += float(loss) * len(batch)
+            total += loss.item() * len(batch)
         bar.advance(loss=total / max(1, len(windows)))
     bar.close()
     model.eval()

@@ -13,3 +13,16 @@ from model_store.data import fetch_ml100k
 def ml100k_dir() -> Path:
     """Real ML-100K files, fetched once into the default cache that runs share."""
     return fetch_ml100k()
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(ml100k_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A bundle built from real ML-100K with the tiny preset (first 120 users)."""
+    from model_store.build import build
+    from model_store.config import PRESETS
+    from model_store.data import default_cache_dir, load_dataset
+
+    out = tmp_path_factory.mktemp("bundle") / "tiny"
+    ds = load_dataset(ml100k_dir, "ml-100k")
+    build(ds, out, PRESETS["tiny"], show_progress=False, cache_dir=default_cache_dir())
+    return out

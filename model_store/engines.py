@@ -6,10 +6,11 @@ Two implementations of :class:`~model_store.generation.Engine`, numerically inte
   search and one single-token step per level on a KV cache whose rows follow the beams. It
   is exact and has no start-up cost, which is what the offline evaluation wants when it
   searches thousands of prompts.
-* :class:`VLLMEngine`: an in-process ``vllm.LLM``. Every live row becomes one
+* :class:`VLLMEngine`: a ``vllm.LLM`` held by the caller. Every live row becomes one
   ``prompt_embeds`` request that generates a single token and returns the log-probabilities
-  of that row's candidates only; prefix caching makes the shared prompt (and the shared SID
-  prefix of sibling beams) cost nothing after the first level. This is the serving path.
+  of that row's candidates only, all rows of a level in one ``generate`` call. Prefix
+  caching serves the full 32-token blocks that rows share (the prompt's, for every beam of
+  it), so a row recomputes only its last partial block. This is the serving path.
 
 Both build the prompt's input embeddings the same way (:func:`prompt_embeddings`): the token
 embeddings with the placeholder positions replaced by the prompt's soft rows.
@@ -29,7 +30,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
-from model_store.generation import Beam, Prompt, SearchStats, TokenLayout, beam_search
+from model_store.generation import Beam, Engine, Prompt, SearchStats, TokenLayout, beam_search
 
 if TYPE_CHECKING:
     from vllm import LLM, SamplingParams
@@ -179,7 +180,7 @@ class TorchSession:
 
 
 def search_in_chunks(
-    engine: TorchEngine | VLLMEngine,
+    engine: Engine,
     prompts: Sequence[Prompt],
     trie: SIDTrie,
     layout: TokenLayout,
@@ -244,6 +245,8 @@ class VLLMEngine:
             "enable_prefix_caching": True,
             # Without this a generation_config.json could slip top_k/top_p defaults in.
             "generation_config": "vllm",
+            # The default, pinned: log-softmax of the unprocessed logits over the whole vocabulary.
+            "logprobs_mode": "raw_logprobs",
             "dtype": dtype,
             "block_size": block_size,
             "max_num_seqs": max_num_seqs,

@@ -94,7 +94,7 @@ def test_histories_end_before_the_held_out_item(tiny_bundle: Path, ml100k_dir: P
     assert bundle.holdout is not None
     for user in range(len(bundle.histories)):
         published = bundle.histories[user].tolist()
-        assert published + [int(bundle.holdout[user])] == full[user].tolist()
+        assert [*published, int(bundle.holdout[user])] == full[user].tolist()
 
 
 def test_build_is_deterministic_for_a_seed(tiny_bundle: Path, ml100k_dir: Path, tmp_path: Path):

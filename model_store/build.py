@@ -206,6 +206,7 @@ def build(
         np.save(out / "sid_codebooks.npy", sids.codebooks)
         trie.save(out / "sid_trie.npz")
         np.save(out / "item_embeddings.npy", collab)
+        np.save(out / "item_retrieval.npy", user_model.retrieval_vectors(umodel))
         np.save(out / "content_vectors.npy", content_vecs)
         user_model.save_user_model(umodel, out)
         np.save(out / "user_embeddings.npy", user_model.user_states(umodel, plan.published))

@@ -151,6 +151,15 @@ class Bundle:
         return np.load(self.dir / "item_embeddings.npy")
 
     @cached_property
+    def retrieval_vectors(self) -> np.ndarray:
+        """Item vectors plus the user model's item prior (see `user_model.retrieval_vectors`)."""
+        return np.load(self.dir / "item_retrieval.npy")
+
+    @cached_property
+    def user_model_config(self) -> dict[str, Any]:
+        return dict(json.loads((self.dir / "user_model.json").read_text()))
+
+    @cached_property
     def content_vectors(self) -> np.ndarray:
         return np.load(self.dir / "content_vectors.npy")
 

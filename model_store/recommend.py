@@ -17,6 +17,7 @@ from model_store.bundle import Bundle
 from model_store.generation import Beam, Engine, Prompt, SearchStats, beam_search
 from model_store.prompts import Mode, prompt_ids
 from model_store.reranker import ItemTable, candidate_features, rerank
+from model_store.user_model import retrieval_query
 from model_store.vocab import USER
 
 
@@ -60,8 +61,10 @@ class Recommender:
             year=catalog["year"].to_numpy(dtype=np.float32),
         )
         self.popular_order = np.argsort(-popularity, kind="stable")
-        self.index = faiss.IndexFlatIP(bundle.item_vectors.shape[1])
-        self.index.add(np.ascontiguousarray(bundle.item_vectors, dtype=np.float32))
+        retrieval = np.ascontiguousarray(bundle.retrieval_vectors, dtype=np.float32)
+        self.index = faiss.IndexFlatIP(retrieval.shape[1])
+        self.index.add(retrieval)
+        self.temperature = float(bundle.user_model_config["temperature"])
         self.vocab = bundle.vocab
         self.layout = self.vocab.layout
         self.item_sid_ids = bundle.item_sid_ids
@@ -119,7 +122,7 @@ class Recommender:
 
     def nearest(self, user: np.ndarray, seen: set[int], k: int) -> list[Scored]:
         """Items closest to the user vector (the ANN fallback), unseen ones only."""
-        query = np.asarray(user, dtype=np.float32)[None]
+        query = retrieval_query(user, self.temperature)[None]
         scores, items = self.index.search(query, min(self.n_items, k + len(seen)))
         pairs = [(int(i), float(s)) for i, s in zip(items[0], scores[0], strict=True) if i >= 0]
         return [Scored(i, s) for i, s in pairs if i not in seen][:k]

@@ -50,7 +50,11 @@ class UserModel(nn.Module):
         )
         self.encoder = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(cfg.dim)
-        nn.init.normal_(self.item.weight, std=0.1)
+        # A per-item prior (popularity) kept apart from the direction, so vectors stay unit-length.
+        self.item_bias = nn.Parameter(torch.zeros(n_items))
+        # Same small scale for items and positions, so neither drowns the other at the input.
+        nn.init.normal_(self.item.weight, std=0.02)
+        nn.init.normal_(self.position.weight, std=0.02)
 
     def forward(self, padded: torch.Tensor) -> torch.Tensor:
         """`padded`: (batch, max_len) item index + 1, left-padded with 0."""
@@ -63,6 +67,10 @@ class UserModel(nn.Module):
 
     def item_vectors(self) -> torch.Tensor:
         return F.normalize(self.item.weight[1:], dim=-1)
+
+    def scores(self, states: torch.Tensor) -> torch.Tensor:
+        """Next-item logits: cosine / temperature plus the item prior."""
+        return states @ self.item_vectors().T / self.cfg.temperature + self.item_bias
 
 
 def _left_pad(windows: Sequence[np.ndarray], length: int) -> torch.Tensor:
@@ -103,7 +111,7 @@ def train_user_model(
             inputs = _left_pad([w[:-1] for w in batch], cfg.max_len)
             targets = _left_pad([w[1:] for w in batch], cfg.max_len) - 1
             states = model(inputs)
-            logits = states @ model.item_vectors().T / cfg.temperature
+            logits = model.scores(states)
             mask = targets >= 0
             loss = F.cross_entropy(logits[mask], targets[mask])
             opt.zero_grad()
@@ -132,6 +140,18 @@ def user_states(model: UserModel, histories: Sequence[np.ndarray], batch: int = 
 @torch.inference_mode()
 def item_vectors(model: UserModel) -> np.ndarray:
     return model.item_vectors().numpy().astype(np.float32)
+
+
+@torch.inference_mode()
+def retrieval_vectors(model: UserModel) -> np.ndarray:
+    """Item vectors with the prior as one more column: a query [user, temperature] scores
+    exactly the training logits (scaled by the temperature) by inner product."""
+    bias = model.item_bias.detach().numpy()[:, None] * model.cfg.temperature
+    return np.concatenate([item_vectors(model), bias], axis=1).astype(np.float32)
+
+
+def retrieval_query(user: np.ndarray, temperature: float) -> np.ndarray:
+    return np.append(np.asarray(user, dtype=np.float32), np.float32(temperature))
 
 
 def save_user_model(model: UserModel, directory: Path) -> list[str]:

@@ -28,11 +28,11 @@ class UserModelConfig:
     layers: int = 2
     heads: int = 2
     max_len: int = 50
-    dropout: float = 0.2
+    dropout: float = 0.5
     epochs: int = 40
     batch_size: int = 128
     lr: float = 2e-3
-    temperature: float = 0.1
+    temperature: float = 0.05
     seed: int = 0
 
 

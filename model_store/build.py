@@ -167,7 +167,8 @@ def build(
         collab = user_model.item_vectors(umodel)
     with timer.stage("semantic_ids"):
         sids = semantic_ids.assign_semantic_ids(_fused_vectors(content_vecs, collab, cfg), cfg.sid)
-        sid_stats = {**sids.stats, **semantic_ids.purity_report(sids.codes, list(ds.items["genres"]))}
+        purity = semantic_ids.purity_report(sids.codes, list(ds.items["genres"]))
+        sid_stats = {**sids.stats, **purity}
         trie = SIDTrie.build(sids.codes)
         log.info("semantic_ids", **{k: v for k, v in sid_stats.items() if not isinstance(v, list)})
 

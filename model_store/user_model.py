@@ -61,9 +61,21 @@ class UserModel(nn.Module):
         length = padded.shape[1]
         positions = torch.arange(length, device=padded.device)
         x = self.item(padded) + self.position(positions)[None]
-        causal = torch.triu(torch.ones(length, length, dtype=torch.bool), diagonal=1)
-        h = self.encoder(x, mask=causal, src_key_padding_mask=padded == 0, is_causal=True)
+        h = self.encoder(x, mask=self._attention_mask(padded))
         return F.normalize(self.norm(h), dim=-1)
+
+    def _attention_mask(self, padded: torch.Tensor) -> torch.Tensor:
+        """Causal and padding mask in one, (batch * heads, L, L) additive.
+
+        Every position may attend to itself, so no row is fully masked: a fully masked
+        padding row gives NaN in inference mode, which then leaks into real positions.
+        """
+        length = padded.shape[1]
+        causal = torch.ones(length, length, dtype=torch.bool).tril()
+        real_key = (padded != 0)[:, None, :]
+        allowed = (causal[None] & real_key) | torch.eye(length, dtype=torch.bool)[None]
+        additive = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
+        return additive.repeat_interleave(self.cfg.heads, dim=0)
 
     def item_vectors(self) -> torch.Tensor:
         return F.normalize(self.item.weight[1:], dim=-1)

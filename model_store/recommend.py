@@ -59,6 +59,7 @@ class Recommender:
             genres=genres,
             log_popularity=np.log1p(popularity).astype(np.float32),
             year=catalog["year"].to_numpy(dtype=np.float32),
+            prior=bundle.retrieval_vectors[:, -1],
         )
         self.popular_order = np.argsort(-popularity, kind="stable")
         retrieval = np.ascontiguousarray(bundle.retrieval_vectors, dtype=np.float32)

@@ -16,7 +16,7 @@ import numpy as np
 FEATURES = (
     "beam_logprob",
     "beam_rank",
-    "user_item",
+    "user_model_score",
     "last_item_sim",
     "content_history_sim",
     "genre_share",
@@ -34,6 +34,7 @@ class ItemTable:
     genres: np.ndarray  # (n, g) multi-hot float32
     log_popularity: np.ndarray  # (n,)
     year: np.ndarray  # (n,) float, NaN unknown
+    prior: np.ndarray  # (n,) the user model's item prior, on the scale of user·item
 
 
 def candidate_features(
@@ -50,7 +51,8 @@ def candidate_features(
     out = np.zeros((n, len(FEATURES)), dtype=np.float32)
     out[:, 0] = logprobs
     out[:, 1] = np.arange(n)
-    out[:, 2] = table.vectors[cand] @ user if user is not None and np.any(user) else np.nan
+    has_user = user is not None and np.any(user)
+    out[:, 2] = table.vectors[cand] @ user + table.prior[cand] if has_user else np.nan
     if len(hist):
         out[:, 3] = table.vectors[cand] @ table.vectors[hist[-1]]
         out[:, 4] = table.content[cand] @ table.content[hist[-5:]].mean(axis=0)

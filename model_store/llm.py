@@ -13,7 +13,7 @@ import json
 import math
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -291,7 +291,3 @@ def load_projector(directory: Path) -> Projector:
     projector.load_state_dict(load_file(str(directory / "projector.safetensors")))
     projector.eval()
     return projector
-
-
-def config_dict(cfg: LLMConfig) -> dict[str, object]:
-    return asdict(cfg)

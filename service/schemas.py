@@ -1,0 +1,68 @@
+"""Request and response types shared by REST and gRPC (validation lives here, once)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+USER_ID = r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,63}$"
+ITEM_URI = r"^[a-z0-9][a-z0-9\-]*:[a-z]+:[A-Za-z0-9_.\-]{1,64}$"
+MAX_PROMPT_CHARS = 500
+ItemUri = Annotated[str, StringConstraints(pattern=ITEM_URI)]
+MAX_K = 100
+
+ServedBy = Literal["generative", "prompt-only", "ann", "popularity"]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RequestContext(Strict):
+    """Facts about the user for this request; each overrides what the bundle knows."""
+
+    market: str | None = Field(None, pattern=r"^[A-Za-z]{2}$", description="ISO country code.")
+    age: int | None = Field(None, ge=1, le=120)
+    gender: Literal["m", "f"] | None = None
+    occupation: str | None = Field(None, pattern=r"^[a-z][a-z \-]{0,39}$")
+    region: str | None = Field(None, pattern=r"^[a-z0-9]{1,8}$", description="Zip-code region.")
+
+
+class RecommendationRequest(Strict):
+    user_id: str = Field(pattern=USER_ID, examples=["196"])
+    surface: str = Field("home", pattern=r"^[a-z][a-z0-9_\-]{0,31}$", examples=["home"])
+    k: int = Field(10, ge=1, le=MAX_K)
+    context: RequestContext | None = None
+    prompt: str | None = Field(
+        None, max_length=MAX_PROMPT_CHARS, description="The user's own words, if any."
+    )
+    exclude: list[ItemUri] = Field(
+        default_factory=list, max_length=1000, description="Item URIs to leave out."
+    )
+    current_item: ItemUri | None = Field(
+        None, description="What the user is consuming now (next-episode)."
+    )
+
+
+class Item(BaseModel):
+    uri: str = Field(examples=["ml-100k:movie:50"])
+    title: str
+    kind: str
+    score: float
+    semantic_id: str = Field(description="Codes per level, dash-separated.", examples=["3-17-4-0"])
+    why: str = Field(description="Which stage produced the item and which rules touched it.")
+
+
+class RecommendationResponse(BaseModel):
+    request_id: str
+    bundle_version: str
+    served_by: ServedBy
+    degraded: list[str] = Field(description="Why a lesser path served, if it did.")
+    items: list[Item]
+    timings_ms: dict[str, float]
+
+
+class ErrorBody(BaseModel):
+    error: str
+    detail: object = None

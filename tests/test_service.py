@@ -1,0 +1,252 @@
+"""The real service end to end: `genrec serve` in a subprocess on free ports, a real Redis,
+real vLLM engines (in-process, and a vLLM OpenAI server for the remote mode), over a tiny
+bundle built from ML-100K. Faults are real too: Redis and the vLLM server get killed."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from model_store.bundle import Bundle, load_bundle
+from service.client import next_episode
+from service.store import publish_bundle, sync_client
+from tests.servers import RedisServer, ServiceProcess, VLLMServer
+
+pytestmark = pytest.mark.slow
+
+
+@dataclass
+class Live:
+    bundle: Bundle
+    redis: RedisServer
+    service: ServiceProcess
+
+    def post(self, body: Any, **kw: Any) -> httpx.Response:
+        return httpx.post(f"{self.service.base}/v1/recommendations", json=body, timeout=30, **kw)
+
+    def metrics(self) -> str:
+        return httpx.get(f"{self.service.base}/metrics", timeout=5).text
+
+
+@pytest.fixture(scope="module")
+def live(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
+    bundle = load_bundle(tiny_bundle)
+    redis = RedisServer(tmp_path_factory.mktemp("redis"))
+    redis.start()
+    publish_bundle(sync_client(redis.url), bundle)
+    log = tmp_path_factory.mktemp("service") / "service.log"
+    service = ServiceProcess(
+        tiny_bundle, {"REDIS_URL": redis.url, "GENREC_REDIS_COOLDOWN_S": "0.5"}, log
+    )
+    try:
+        service.wait_ready()
+        yield Live(bundle, redis, service)
+    finally:
+        service.stop()
+        redis.stop()
+
+
+def _user(bundle: Bundle, index: int = 3) -> tuple[str, set[str]]:
+    uris = bundle.catalog["uri"].tolist()
+    return str(bundle.users["user_id"][index]), {uris[i] for i in bundle.histories[index]}
+
+
+def test_rest_recommends_unseen_catalog_items(live: Live) -> None:
+    user, seen = _user(live.bundle)
+    r = live.post({"user_id": user, "k": 10, "surface": "home"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["served_by"] == "generative" and body["degraded"] == []
+    assert body["bundle_version"] == live.bundle.version
+    sid = dict(zip(live.bundle.catalog["uri"], live.bundle.catalog["sid"], strict=True))
+    items = body["items"]
+    assert len(items) == 10 == len({i["uri"] for i in items})
+    for item in items:
+        assert item["uri"] in sid and item["uri"] not in seen
+        assert item["semantic_id"] == "-".join(map(str, sid[item["uri"]]))
+
+
+def test_rest_and_grpc_agree(live: Live) -> None:
+    user, _ = _user(live.bundle, 7)
+    current = live.bundle.catalog["uri"][49]
+    rest = live.post({"user_id": user, "k": 8, "current_item": current}).json()
+    rpc = next_episode(f"127.0.0.1:{live.service.grpc_port}", user, current, 8)
+    assert rpc["served_by"] == rest["served_by"] == "generative"
+    assert [i["uri"] for i in rpc["items"]] == [i["uri"] for i in rest["items"]]
+    assert current not in [i["uri"] for i in rest["items"]]
+
+
+def test_grpc_health_reflection_and_errors(live: Live) -> None:
+    target = f"127.0.0.1:{live.service.grpc_port}"
+    with grpc.insecure_channel(target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        reply = health.Check(health_pb2.HealthCheckRequest(service="genrec.v1.NextEpisode"))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        names = {s.name for r in stub.ServerReflectionInfo(iter([request]))
+                 for s in r.list_services_response.service}  # fmt: skip
+        assert "genrec.v1.NextEpisode" in names
+    cases = [
+        (("", "", 5), grpc.StatusCode.INVALID_ARGUMENT),
+        (("1", "", 101), grpc.StatusCode.INVALID_ARGUMENT),
+        (("1", "not a uri", 5), grpc.StatusCode.INVALID_ARGUMENT),
+        (("1", "ml-100k:movie:999999", 5), grpc.StatusCode.NOT_FOUND),
+    ]
+    for (user, current, k), code in cases:
+        with pytest.raises(grpc.RpcError) as err:
+            next_episode(target, user, current, k)
+        assert err.value.code() == code, err.value.details()
+        assert err.value.details()
+
+
+BAD_BODIES = [
+    ({"user_id": "1", "k": 0}, 422),
+    ({"user_id": "1", "k": 101}, 422),
+    ({"user_id": "1", "unexpected": True}, 422),
+    ({"user_id": "a b"}, 422),
+    ({"user_id": "1", "prompt": "x" * 501}, 422),
+    ({"user_id": "1", "exclude": ["not-a-uri"]}, 422),
+    ({"user_id": "1", "context": {"age": -3}}, 422),
+    ({"user_id": "1", "context": {"market": "usa"}}, 422),
+    ({"k": 5}, 422),
+    ([1, 2], 422),
+    ({"user_id": "1", "current_item": "ml-100k:movie:999999"}, 404),
+]
+
+
+def test_bad_requests_get_clear_4xx(live: Live) -> None:
+    for body, status in BAD_BODIES:
+        r = live.post(body)
+        assert r.status_code == status, (body, r.text)
+        assert r.json()["error"]
+    r = httpx.post(
+        f"{live.service.base}/v1/recommendations",
+        content=b"{" + b" " * 70_000 + b"}",
+        headers={"content-type": "application/json"},
+    )
+    assert r.status_code == 413
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-(10**6), 10**6) | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+_fields = st.sampled_from(
+    ["user_id", "k", "surface", "context", "prompt", "exclude", "current_item"]
+)
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.dictionaries(_fields | st.text(max_size=6), _json, max_size=5))
+def test_random_bodies_never_get_a_5xx(live: Live, body: dict[str, Any]) -> None:
+    r = live.post(body)
+    assert r.status_code < 500, (body, r.text)
+
+
+def test_unknown_user_is_served_prompt_only(live: Live) -> None:
+    r = live.post({"user_id": "new-user-42", "k": 5, "context": {"age": 30, "gender": "f"}})
+    body = r.json()
+    assert body["served_by"] == "prompt-only" and body["degraded"] == ["unknown_user"]
+    assert len(body["items"]) == 5
+
+
+def test_redis_outage_degrades_to_prompt_only_then_recovers(live: Live) -> None:
+    user, seen = _user(live.bundle, 11)
+    live.redis.stop()
+    try:
+        start = time.perf_counter()
+        body = live.post({"user_id": user, "k": 10}).json()
+        assert time.perf_counter() - start < 5
+        assert body["served_by"] == "prompt-only" and body["degraded"] == ["redis_down"]
+        assert len(body["items"]) == 10 and not {i["uri"] for i in body["items"]} & seen
+        ready = httpx.get(f"{live.service.base}/readyz").json()
+        assert ready["ready"] and ready["redis"] == "degraded"
+    finally:
+        live.redis.start()
+    deadline = time.monotonic() + 10
+    while True:  # the cool-down (0.5 s here) passes, then Redis is tried again
+        body = live.post({"user_id": user, "k": 10}).json()
+        if body["served_by"] == "generative" or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert body["served_by"] == "generative" and body["degraded"] == [], body
+    text = live.metrics()
+    assert 'genrec_fallbacks_total{reason="redis_down"}' in text
+    assert 'genrec_served_total{path="prompt-only"}' in text
+
+
+def test_metrics_cover_stages_and_bundle(live: Live) -> None:
+    live.post({"user_id": _user(live.bundle)[0]})
+    text = live.metrics()
+    for stage in ("redis", "project", "generate", "rerank", "rules"):
+        assert f'genrec_stage_seconds_bucket{{le="0.001",stage="{stage}"}}' in text
+    assert f'version="{live.bundle.version}"' in text
+    assert 'genrec_request_seconds_count{endpoint="POST /v1/recommendations"}' in text
+    assert "genrec_beam_steps_total" in text
+
+
+# ------------------------------------------------------------------ remote engine mode
+
+
+@pytest.fixture(scope="module")
+def remote(
+    live: Live, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[ServiceProcess, VLLMServer]]:
+    directory = tmp_path_factory.mktemp("remote")
+    server = VLLMServer(live.bundle.llm_dir, directory)
+    service: ServiceProcess | None = None
+    try:
+        server.wait_healthy()
+        env = {
+            "REDIS_URL": live.redis.url,
+            "GENREC_ENGINE": "remote",
+            "GENREC_ENGINE_URL": server.base_url,
+        }
+        service = ServiceProcess(live.bundle.dir, env, directory / "service.log")
+        service.wait_ready()
+        yield service, server
+    finally:
+        if service is not None:
+            service.stop()
+        server.stop()
+
+
+def test_remote_engine_serves_what_the_in_process_engine_serves(live: Live, remote) -> None:
+    service, _ = remote
+    user, _ = _user(live.bundle, 5)
+    body = {"user_id": user, "k": 10}
+    here = live.post(body).json()
+    there = httpx.post(f"{service.base}/v1/recommendations", json=body, timeout=30).json()
+    assert there["served_by"] == "generative"
+    assert [i["uri"] for i in there["items"]] == [i["uri"] for i in here["items"]]
+
+
+def test_remote_engine_down_falls_back_to_ann(live: Live, remote) -> None:
+    service, server = remote
+    server.stop()
+    user, seen = _user(live.bundle, 5)
+    start = time.perf_counter()
+    r = httpx.post(f"{service.base}/v1/recommendations", json={"user_id": user}, timeout=30)
+    assert time.perf_counter() - start < 5
+    body = r.json()
+    assert body["served_by"] == "ann" and body["degraded"] == ["engine_error"]
+    assert len(body["items"]) == 10 and not {i["uri"] for i in body["items"]} & seen
+    ready = httpx.get(f"{service.base}/readyz").json()
+    assert ready["ready"] and ready["engine_state"] == "degraded"
+    text = httpx.get(f"{service.base}/metrics").text
+    assert "genrec_engine_errors_total" in text

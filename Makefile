@@ -3,9 +3,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 GENREC := $(VENV)/bin/genrec
 BUNDLE ?= bundles/ml-100k
+PRESET ?= full
 PIP_ARGS ?=
 
-.PHONY: install demo build eval test lint clean
+.PHONY: install demo serve build eval test lint clean
 
 install: $(VENV)/.installed
 
@@ -18,11 +19,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec || true
 	touch $@
 
-# The main job: fetch ML-100K, build the bundle, evaluate it (figures in $(BUNDLE)/eval.md).
+# The main job: fetch ML-100K, build + evaluate a bundle (once), publish user embeddings to
+# Redis, and serve it (REST on :8000, gRPC on :50051). PRESET=tiny builds in about a minute.
 demo: install
-	$(GENREC) data fetch ml-100k
-	test -f $(BUNDLE)/manifest.json || $(GENREC) build --dataset ml-100k --out $(BUNDLE)
-	cat $(BUNDLE)/eval.md
+	$(GENREC) demo --bundle $(BUNDLE) --preset $(PRESET)
+
+serve: install
+	$(GENREC) publish-embeddings $(BUNDLE)
+	$(GENREC) serve --bundle $(BUNDLE)
 
 build: install
 	$(GENREC) build --dataset ml-100k --out $(BUNDLE)

@@ -122,7 +122,9 @@ def _train_reranker_stage(
     for start in range(0, len(users), 128):
         chunk = users[start : start + 128]
         prompts = [rec.prompt(mode, plan.fit[u], fit_states[u], contexts[u]) for u in chunk]
-        for u, beams in zip(chunk, rec.generate(engine, prompts, cfg.beam_width), strict=True):
+        seen = [set(plan.fit[u].tolist()) for u in chunk]  # as served: no consumed items
+        found_beams = rec.generate(engine, prompts, cfg.beam_width, exclude=seen)
+        for u, beams in zip(chunk, found_beams, strict=True):
             items = [b.item for b in beams]
             x = candidate_features(
                 rec.table, fit_states[u], plan.fit[u], items, [b.logprob for b in beams]

@@ -41,11 +41,13 @@ def _search(
     chunk: int,
     show_progress: bool,
     label: str,
+    seen: Sequence[set[int]],
 ) -> list[list[Beam]]:
     beams: list[list[Beam]] = []
     bar = progress_bar((len(prompts) + chunk - 1) // chunk, label, show_progress)
     for start in range(0, len(prompts), chunk):
-        beams += rec.generate(engine, prompts[start : start + chunk], beam_width)
+        part = slice(start, start + chunk)
+        beams += rec.generate(engine, prompts[part], beam_width, exclude=seen[part])
         bar.advance()
     bar.close()
     return beams
@@ -88,7 +90,9 @@ def evaluate(
             rec.prompt(mode, h, vectors[d], contexts[d])
             for h, d in zip(histories, donor, strict=True)
         ]
-        beams_by_row[name] = _search(rec, engine, prompts, beam_width, chunk, show_progress, name)
+        beams_by_row[name] = _search(
+            rec, engine, prompts, beam_width, chunk, show_progress, name, seen
+        )
         ranked[name] = [
             unseen((b.item for b in bs), s, TOP_K)
             for bs, s in zip(beams_by_row[name], seen, strict=True)

@@ -14,7 +14,7 @@ looks inside them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -82,11 +82,6 @@ class TokenLayout:
         return np.asarray(token, dtype=np.int64) - self.level_offsets[level]
 
 
-def _log_normalise(values: np.ndarray) -> np.ndarray:
-    top = float(values.max())
-    return values - (top + float(np.log(np.exp(values - top).sum())))
-
-
 def beam_search(
     engine: Engine,
     prompts: Sequence[Prompt],
@@ -94,20 +89,28 @@ def beam_search(
     layout: TokenLayout,
     beam_width: int,
     stats: SearchStats | None = None,
+    exclude: Sequence[Collection[int]] | None = None,
 ) -> list[list[Beam]]:
-    """Top-`beam_width` distinct items per prompt, best first, only ever valid Semantic IDs."""
+    """Top-`beam_width` distinct items per prompt, best first, only ever valid Semantic IDs.
+
+    `exclude[i]` (e.g. what user i already consumed) are items prompt i must not return:
+    their branches are cut from the trie for that prompt, so scores renormalise over the
+    remaining items and no beam is spent on them.
+    """
     if beam_width < 1:
         raise ValueError("beam_width must be at least 1")
     if not prompts:
         return []
+    if exclude is not None and len(exclude) != len(prompts):
+        raise ValueError("exclude needs one collection per prompt")
+    blocked = [trie.blocked_nodes(e) if e else None for e in exclude or [()] * len(prompts)]
     session = engine.open(prompts)
     owner = np.arange(len(prompts))  # prompt index of each live row
     nodes = np.zeros(len(prompts), dtype=np.int64)  # trie node of each live row
     scores = np.zeros(len(prompts), dtype=np.float64)
     paths = np.zeros((len(prompts), 0), dtype=np.int64)  # codes so far, one row per beam
     for level in range(trie.levels):
-        child_codes = [trie.children(int(n))[0] for n in nodes]
-        child_nodes = [trie.children(int(n))[1] for n in nodes]
+        child_codes, child_nodes = _allowed_children(trie, nodes, owner, blocked)
         tokens = [layout.token(level, c) for c in child_codes]
         raw = session.logprobs(tokens)
         if stats is not None:
@@ -122,6 +125,8 @@ def beam_search(
                 for r, lp in enumerate(raw)
             ]
         )
+        if not len(cand_score):
+            return [[] for _ in prompts]  # every item of every prompt is excluded
         keep = _top_per_owner(owner[cand_row], cand_score, beam_width)
         parents = cand_row[keep]
         owner, nodes, scores = owner[parents], cand_node[keep], cand_score[keep]
@@ -134,6 +139,29 @@ def beam_search(
             Beam(item=trie.item_of(int(n)), sid=tuple(int(c) for c in p), logprob=float(s))
         )
     return results
+
+
+def _allowed_children(
+    trie: SIDTrie, nodes: np.ndarray, owner: np.ndarray, blocked: Sequence[np.ndarray | None]
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """(codes, node ids) of each live row's children, minus its prompt's blocked nodes."""
+    codes, children = [], []
+    for node, o in zip(nodes, owner, strict=True):
+        c, n = trie.children(int(node))
+        cut = blocked[o]
+        if cut is not None and len(n):
+            keep = ~np.isin(n, cut, assume_unique=True)
+            c, n = c[keep], n[keep]
+        codes.append(c)
+        children.append(n)
+    return codes, children
+
+
+def _log_normalise(values: np.ndarray) -> np.ndarray:
+    if not len(values):
+        return values
+    top = float(values.max())
+    return values - (top + float(np.log(np.exp(values - top).sum())))
 
 
 def _top_per_owner(owner: np.ndarray, score: np.ndarray, k: int) -> np.ndarray:

@@ -7,7 +7,7 @@ measured is what is served.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 import faiss
@@ -102,8 +102,12 @@ class Recommender:
         prompts: Sequence[Prompt],
         beam_width: int,
         stats: SearchStats | None = None,
+        exclude: Sequence[Collection[int]] | None = None,
     ) -> list[list[Beam]]:
-        return beam_search(engine, prompts, self.bundle.trie, self.layout, beam_width, stats)
+        """Top items per prompt; `exclude[i]` (e.g. consumed items) are never generated."""
+        return beam_search(
+            engine, prompts, self.bundle.trie, self.layout, beam_width, stats, exclude
+        )
 
     def rerank(
         self, user: np.ndarray | None, history: Sequence[int], beams: Sequence[Beam]

@@ -19,7 +19,8 @@ below 2^31 items): about 5 + 5 * (nodes at depth L-1) / items bytes per item.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -205,6 +206,42 @@ class SIDTrie:
         shift = lo - (np.cumsum(counts) - counts)
         child = np.arange(total, dtype=np.int64) + np.repeat(shift, counts)
         return rows, self._child_code[child], child
+
+    @cached_property
+    def _parent(self) -> np.ndarray:
+        """Parent of every non-root node (root: -1); built on first use of `blocked_nodes`."""
+        parent = np.full(self._n_nodes, -1, dtype=np.int64)
+        counts = np.diff(self._offsets.astype(np.int64))
+        parent[1:] = np.repeat(np.arange(self._n_internal, dtype=np.int64), counts)
+        return parent
+
+    @cached_property
+    def _leaf_of_item(self) -> np.ndarray:
+        leaf = np.empty(len(self._leaf_item), dtype=np.int64)
+        leaf[self._leaf_item.astype(np.int64)] = np.arange(len(self._leaf_item)) + self._n_internal
+        return leaf
+
+    def blocked_nodes(self, items: Iterable[int]) -> np.ndarray:
+        """Sorted ids of the nodes all of whose items are in `items` (the root excepted).
+
+        A beam that reaches such a node can only end on one of `items`, so a search that
+        must not return them (items already consumed) never expands it.
+        """
+        wanted = np.unique(np.fromiter(items, dtype=np.int64))
+        if not len(wanted):
+            return np.zeros(0, dtype=np.int64)
+        if int(wanted[0]) < 0 or int(wanted[-1]) >= len(self._leaf_item):
+            raise IndexError(f"item ids must lie in [0, {len(self._leaf_item)})")
+        current = self._leaf_of_item[wanted]
+        blocked = [current]
+        offsets = self._offsets.astype(np.int64)
+        for _ in range(self.levels - 1):
+            parents, counts = np.unique(self._parent[current], return_counts=True)
+            current = parents[counts == offsets[parents + 1] - offsets[parents]]
+            if not len(current):
+                break
+            blocked.append(current)
+        return np.sort(np.concatenate(blocked))
 
     def level_of(self, node: int) -> int:
         """Depth of `node` (0 for the root, L for leaves)."""

@@ -19,7 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client import REGISTRY as DEFAULT_REGISTRY
 
 from model_store.bundle import Bundle, load_bundle
-from service import metrics
+from service import logs, metrics
 from service.engine import ServingEngine, engine_ready, open_serving_engine
 from service.pipeline import Pipeline, UnknownItem
 from service.schemas import ErrorBody, RecommendationRequest, RecommendationResponse
@@ -88,6 +88,7 @@ def _error(status: int, message: str, detail: object = None) -> JSONResponse:
 def create_app(settings: Settings | None = None, announce: str | None = None) -> FastAPI:
     """The app; `announce` is printed once the service is ready (the demo's sample request)."""
     runtime = Runtime(settings or Settings())
+    logs.configure(runtime.settings.log_json)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

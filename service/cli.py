@@ -175,12 +175,14 @@ def demo(
     url, embedded = _redis_url(settings.redis_url, settings.redis_db)
     report = publish_bundle(sync_client(url), load_bundle(bundle), settings.history_len)
     typer.echo(f"published {report.users} user embeddings ({report.users_per_s:,.0f} users/s)")
-    body = json.dumps({"user_id": "196", "k": 10})
+    users = set(load_bundle(bundle).users["user_id"].astype(str))
+    sample = "196" if "196" in users else sorted(users)[0]
+    body = json.dumps({"user_id": sample, "k": 10})
     announce = (
         "\ngenrec is ready. Try:\n"
         f"  curl -s localhost:{port}/v1/recommendations -H 'content-type: application/json' "
         f"-d {shlex.quote(body)}\n"
-        "  genrec next-episode --user 196 --current ml-100k:movie:242 "
+        f"  genrec next-episode --user {sample} --current ml-100k:movie:242 "
         f"--target 127.0.0.1:{grpc_port}\n"
         f"  open http://localhost:{port}/docs\n"
     )

@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -88,9 +88,14 @@ class Pipeline:
         metrics.BUNDLE.info({"version": bundle.version, "dataset": str(bundle.manifest["dataset"])})
 
     def _search(
-        self, engine: Engine, prompts: Sequence[Prompt], width: int, stats: SearchStats
+        self,
+        engine: Engine,
+        prompts: Sequence[Prompt],
+        width: int,
+        stats: SearchStats,
+        exclude: Sequence[Collection[int]],
     ) -> list[list[Beam]]:
-        return self.recommender.generate(engine, prompts, width, stats)
+        return self.recommender.generate(engine, prompts, width, stats, exclude)
 
     def close(self) -> None:
         self.worker.close()
@@ -166,6 +171,7 @@ class Pipeline:
         self,
         facts: UserFacts,
         req: RecommendationRequest,
+        banned: frozenset[int],
         deadline: float,
         timings: dict[str, float],
     ) -> list[Beam]:
@@ -178,7 +184,7 @@ class Pipeline:
             )
         width = max(self.settings.beam_width, req.k)
         with metrics.timed("generate", timings):
-            future = self.worker.submit(prompt, width, deadline)
+            future = self.worker.submit(prompt, width, banned, deadline)
             try:
                 return await asyncio.wait_for(
                     asyncio.wrap_future(future), timeout=max(0.0, deadline - time.monotonic())
@@ -212,8 +218,13 @@ class Pipeline:
         seen = set(facts.history)
         served_by: ServedBy = "generative" if facts.embedding is not None else "prompt-only"
         candidates: list[Candidate] = []
+        # The filtering rules' items are cut from the search itself, so no beam is spent
+        # on an item the rules would drop.
+        banned = (seen if "no_repeats" in self.settings.rules else set()) | (
+            excluded if "exclude" in self.settings.rules else set()
+        )
         try:
-            beams = await self._generate(facts, req, deadline, timings)
+            beams = await self._generate(facts, req, frozenset(banned), deadline, timings)
             with metrics.timed("rerank", timings):
                 ranked = self.recommender.rerank(facts.embedding, facts.history, beams)
             beam_rank = {b.item: r for r, b in enumerate(beams)}

@@ -7,10 +7,10 @@ dependency costs a bounded slice of it, never a client library's multi-second de
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 RULES = ("no_repeats", "exclude", "availability", "age", "diversity")
 """Business rules in the order they run; `GENREC_RULES` may list a subset."""
@@ -54,10 +54,27 @@ class Settings(BaseSettings):
     history_len: int = Field(
         1000, ge=1, description="Items kept per user in Redis (the no-repeats rule reads them)."
     )
-    rules: list[str] = Field(list(RULES), description="Business rules to apply, in order.")
+    rules: Annotated[list[str], NoDecode] = Field(
+        list(RULES), description="Business rules to apply, in order (comma-separated)."
+    )
     genre_cap: int = Field(4, ge=1, description="Most items sharing one genre in a top-k.")
     creator_cap: int = Field(2, ge=1, description="Most items by one creator in a top-k.")
     availability_file: Path | None = Field(
         None, description="CSV `uri,markets,min_age`: where items may be shown, and to whom."
     )
     log_json: bool = Field(False, description="Structured logs as JSON lines.")
+
+    @field_validator("rules", mode="before")
+    @classmethod
+    def _split_rules(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return value
+
+    @field_validator("rules")
+    @classmethod
+    def _known_rules(cls, value: list[str]) -> list[str]:
+        unknown = [name for name in value if name not in RULES]
+        if unknown:
+            raise ValueError(f"unknown rules {unknown}; known: {list(RULES)}")
+        return value

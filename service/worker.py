@@ -11,7 +11,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -22,7 +22,9 @@ from service import metrics
 
 log = structlog.get_logger(__name__)
 
-Search = Callable[[Engine, Sequence[Prompt], int, SearchStats], list[list[Beam]]]
+Search = Callable[
+    [Engine, Sequence[Prompt], int, SearchStats, Sequence[Collection[int]]], list[list[Beam]]
+]
 
 
 class DeadlineExceeded(TimeoutError):
@@ -33,6 +35,7 @@ class DeadlineExceeded(TimeoutError):
 class _Job:
     prompt: Prompt
     beam_width: int
+    exclude: Collection[int]
     deadline: float  # time.monotonic()
     enqueued: float = field(default_factory=time.monotonic)
     future: Future[list[Beam]] = field(default_factory=Future)
@@ -47,8 +50,11 @@ class EngineWorker:
         self._thread = threading.Thread(target=self._run, name="engine-worker", daemon=True)
         self._thread.start()
 
-    def submit(self, prompt: Prompt, beam_width: int, deadline: float) -> Future[list[Beam]]:
-        job = _Job(prompt, beam_width, deadline)
+    def submit(
+        self, prompt: Prompt, beam_width: int, exclude: Collection[int], deadline: float
+    ) -> Future[list[Beam]]:
+        """Queues one search; `exclude` are items it must not return (consumed ones)."""
+        job = _Job(prompt, beam_width, exclude, deadline)
         self._queue.put(job)
         return job.future
 
@@ -91,7 +97,8 @@ class EngineWorker:
         metrics.BATCH_SIZE.observe(len(jobs))
         stats = SearchStats()
         try:
-            results = self._search(self.engine, [j.prompt for j in jobs], width, stats)
+            prompts = [j.prompt for j in jobs]
+            results = self._search(self.engine, prompts, width, stats, [j.exclude for j in jobs])
         except Exception as e:  # the engine's failure is every waiting request's failure
             log.warning("engine search failed", error=repr(e), requests=len(jobs))
             for job in jobs:

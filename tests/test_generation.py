@@ -176,3 +176,31 @@ def test_beam_width_must_be_positive_and_empty_prompts() -> None:
     with pytest.raises(ValueError):
         beam_search(FakeEngine(by_token), [Prompt(token_ids=(0,))], trie, _layout(2), 0)
     assert beam_search(FakeEngine(by_token), [], trie, _layout(2), 3) == []
+
+
+@settings(max_examples=60, deadline=None)
+@given(sid_sets(), st.data())
+def test_excluded_items_are_cut_from_the_search(codes: np.ndarray, data: st.DataObject) -> None:
+    """Searching with `exclude` is searching the trie of the other items: same items, same
+    renormalised scores, and no excluded item ever comes out."""
+    excluded = data.draw(st.sets(st.integers(0, len(codes) - 1)))
+    beam = data.draw(st.integers(1, len(codes)))
+    layout = _layout(codes.shape[1])
+    prompts = [Prompt(token_ids=(0,)), Prompt(token_ids=(1,))]
+    got = beam_search(
+        FakeEngine(by_history), prompts, SIDTrie.build(codes), layout, beam,
+        exclude=[excluded, set()],
+    )  # fmt: skip
+    kept = np.array([i for i in range(len(codes)) if i not in excluded], dtype=np.int64)
+    if len(kept):
+        sub = beam_search(
+            FakeEngine(by_history), prompts[:1], SIDTrie.build(codes[kept]), layout, beam
+        )[0]
+        want = [(int(kept[b.item]), b.sid) for b in sub]
+        assert [(b.item, b.sid) for b in got[0]] == want
+        assert [b.logprob for b in got[0]] == pytest.approx([b.logprob for b in sub])
+    else:
+        assert got[0] == []
+    assert not {b.item for b in got[0]} & excluded
+    plain = beam_search(FakeEngine(by_history), prompts, SIDTrie.build(codes), layout, beam)
+    assert [(b.item, b.logprob) for b in got[1]] == [(b.item, b.logprob) for b in plain[1]]

@@ -186,3 +186,22 @@ def test_empty_catalogue() -> None:
     assert len(trie.children(0)[0]) == 0
     rows, codes, nodes = trie.children_batch(np.array([0, 0]))
     assert len(rows) == len(codes) == len(nodes) == 0
+
+
+@settings(max_examples=80, deadline=None)
+@given(sid_sets(), st.data())
+def test_blocked_nodes_are_the_nodes_with_only_excluded_items(
+    codes: np.ndarray, data: st.DataObject
+) -> None:
+    if not len(codes):
+        return
+    trie = SIDTrie.build(codes)
+    items = data.draw(st.sets(st.integers(0, len(codes) - 1)))
+    want = set()
+    for depth in range(1, codes.shape[1] + 1):
+        for prefix in {tuple(r[:depth]) for r in codes.tolist()}:
+            members = {i for i, r in enumerate(codes.tolist()) if tuple(r[:depth]) == prefix}
+            if members <= items:
+                want.add(trie.lookup(prefix))
+    got = trie.blocked_nodes(items)
+    assert list(got) == sorted(want)

@@ -112,10 +112,7 @@ def beam_search(
     for level in range(trie.levels):
         child_codes, child_nodes = _allowed_children(trie, nodes, owner, blocked)
         tokens = [layout.token(level, c) for c in child_codes]
-        raw = session.logprobs(tokens)
-        if stats is not None:
-            stats.engine_calls += 1
-            stats.rows_scored.append(len(nodes))
+        raw = _score(session, tokens, stats)
         cand_row = np.concatenate([np.full(len(c), r) for r, c in enumerate(child_codes)])
         cand_code = np.concatenate(child_codes)
         cand_node = np.concatenate(child_nodes)
@@ -139,6 +136,21 @@ def beam_search(
             Beam(item=trie.item_of(int(n)), sid=tuple(int(c) for c in p), logprob=float(s))
         )
     return results
+
+
+def _score(
+    session: Session, tokens: list[np.ndarray], stats: SearchStats | None
+) -> list[np.ndarray]:
+    """Raw log-probs of each row's candidates. A row with one candidate is not scored: its
+    renormalised log-prob is 0 whatever the model says (the uniqueness level is mostly such
+    rows), and a level where no row has a choice costs no engine call at all."""
+    asked = [t if len(t) > 1 else t[:0] for t in tokens]
+    n_asked = sum(1 for t in asked if len(t))
+    answers = session.logprobs(asked) if n_asked else asked
+    if stats is not None and n_asked:
+        stats.engine_calls += 1
+        stats.rows_scored.append(n_asked)
+    return [a if len(t) > 1 else np.zeros(len(t)) for a, t in zip(answers, tokens, strict=True)]
 
 
 def _allowed_children(

@@ -180,7 +180,7 @@ def test_search_in_chunks_equals_one_search(torch_engine: TorchEngine) -> None:
     whole = beam_search(torch_engine, prompts, trie, LAYOUT, 7)
     stats = SearchStats()
     chunked = search_in_chunks(torch_engine, prompts, trie, LAYOUT, 7, chunk=3, stats=stats)
-    assert stats.engine_calls == 4 * trie.levels
+    assert 0 < stats.engine_calls <= 4 * trie.levels  # rows without a choice are not scored
     assert [[b.item for b in r] for r in chunked] == [[b.item for b in r] for r in whole]
     for r_chunk, r_whole in zip(chunked, whole, strict=True):
         np.testing.assert_allclose(

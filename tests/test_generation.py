@@ -204,3 +204,18 @@ def test_excluded_items_are_cut_from_the_search(codes: np.ndarray, data: st.Data
     assert not {b.item for b in got[0]} & excluded
     plain = beam_search(FakeEngine(by_history), prompts, SIDTrie.build(codes), layout, beam)
     assert [(b.item, b.logprob) for b in got[1]] == [(b.item, b.logprob) for b in plain[1]]
+
+
+def test_rows_without_a_choice_cost_no_engine_call() -> None:
+    """A level where every prefix has one child (the usual uniqueness level) is free, and the
+    scores are those of a search that asked the engine anyway."""
+    codes = np.array([[a, b, 0] for a in range(3) for b in range(4)] + [[0, 0, 1]])
+    layout = _layout(3)
+    stats = SearchStats()
+    results = beam_search(
+        FakeEngine(by_history), [Prompt((0,))], SIDTrie.build(codes), layout, 13, stats
+    )
+    assert stats.engine_calls == 3 and stats.rows_scored[-1] == 1  # only (0, 0) has a choice
+    truth = brute_force(codes, layout, by_history, 0)
+    for b in results[0]:
+        assert b.logprob == pytest.approx(truth[b.item])

@@ -14,6 +14,7 @@ import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,7 @@ class LLMConfig:
     p_drop_soft: float = 0.3
     p_drop_context: float = 0.3
     p_ask: float = 0.2
+    p_less: float = 0.1  # also name a genre absent from the window's later items
     bf16: bool = False  # autocast the forward pass to bfloat16 (fp32 master weights)
     seed: int = 0
 
@@ -129,6 +131,10 @@ class TrainingData:
     item_sid_ids: np.ndarray  # (n_items, L) SID token ids
     item_genres: Sequence[Sequence[str]]
 
+    @cached_property
+    def all_genres(self) -> set[str]:
+        return {g for gs in self.item_genres for g in gs}
+
 
 def _window_example(
     vocab: Vocab,
@@ -142,10 +148,14 @@ def _window_example(
     keep_soft = start > 0 and rng.random() >= cfg.p_drop_soft
     keep_context = rng.random() >= cfg.p_drop_context
     ask: list[str] = []
-    if rng.random() < cfg.p_ask:
-        genres = Counter(g for i in items[len(items) // 2 :] for g in data.item_genres[int(i)])
-        if genres:
-            ask = [genres.most_common(1)[0][0]]
+    less: list[str] = []
+    later = Counter(g for i in items[len(items) // 2 :] for g in data.item_genres[int(i)])
+    if later and rng.random() < cfg.p_ask:
+        ask = [later.most_common(1)[0][0]]
+    if rng.random() < cfg.p_less:
+        absent = sorted(data.all_genres - set(later))
+        if absent:
+            less = [absent[int(rng.integers(len(absent)))]]
     head = prompt_ids(
         vocab,
         data.item_sid_ids,
@@ -153,6 +163,7 @@ def _window_example(
         n_soft=cfg.n_soft if keep_soft else 0,
         context=data.context[user] if keep_context else None,
         ask=ask,
+        less=less,
     )
     body = data.item_sid_ids[items].reshape(-1).tolist()
     labels = [-100] * len(head) + body

@@ -1,6 +1,7 @@
 """Prompt layout, shared by training, evaluation and the gateway.
 
-    <bos> [<user> × n_soft] [<ctx> context words] [<ask> user words] <hist> SID SID SID ...
+    <bos> [<user> × n_soft] [<ctx> context words] [<ask> user words] [<less> words]
+    <hist> SID SID SID ...
 
 Training packs a window of a user's items after `<hist>`, so every item is learnt as the
 next item of the ones before it; at inference the history is the user's recent items and
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from model_store.vocab import ASK, BOS, CTX, HIST, USER, Vocab, words_of
+from model_store.vocab import ASK, BOS, CTX, HIST, LESS, USER, Vocab, words_of
 
 _AGE_BUCKETS = (
     (18, "age:under-18"),
@@ -68,14 +69,21 @@ def prompt_ids(
     n_soft: int = 0,
     context: Sequence[str] | None = None,
     ask: str | Sequence[str] = (),
+    less: Sequence[str] = (),
 ) -> list[int]:
-    """Token ids of one prompt; `item_sid_ids` is the (n_items, L) SID token table."""
+    """Token ids of one prompt; `item_sid_ids` is the (n_items, L) SID token table.
+
+    `less` (words the user wants less of) is written only when the vocabulary has `<less>`:
+    bundles trained before it existed simply never see it.
+    """
     ids = [vocab.id(BOS)] + [vocab.id(USER)] * n_soft
     if context:
         ids += [vocab.id(CTX), *vocab.ids(context)]
     words = words_of(ask) if isinstance(ask, str) else list(ask)
     if words:
         ids += [vocab.id(ASK), *vocab.ids(words)]
+    if less and vocab.known(LESS):
+        ids += [vocab.id(LESS), *vocab.ids(less)]
     ids.append(vocab.id(HIST))
     if len(history):
         ids += item_sid_ids[np.asarray(history, dtype=np.int64)].reshape(-1).tolist()

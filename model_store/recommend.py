@@ -80,6 +80,7 @@ class Recommender:
         user: np.ndarray | None,
         context: Sequence[str] | None,
         ask: str | Sequence[str] = (),
+        less: Sequence[str] = (),
     ) -> Prompt:
         """The prompt for one request; the soft token only when the mode and a vector allow."""
         soft = None
@@ -93,6 +94,7 @@ class Recommender:
             n_soft=0 if soft is None else len(soft),
             context=context if mode.context else None,
             ask=ask,
+            less=less,
         )
         return Prompt(tuple(ids), soft, self.vocab.id(USER))
 

@@ -20,7 +20,8 @@ from model_store.generation import TokenLayout
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
 USER, CTX, ASK, HIST = "<user>", "<ctx>", "<ask>", "<hist>"
-SPECIALS = (PAD, UNK, BOS, EOS, USER, CTX, ASK, HIST)
+LESS = "<less>"  # words the user wants less of (taste-profile edits)
+SPECIALS = (PAD, UNK, BOS, EOS, USER, CTX, ASK, HIST, LESS)
 
 _WORD = re.compile(r"[a-z0-9][a-z0-9'\-]*")
 

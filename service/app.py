@@ -8,10 +8,10 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 import structlog
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Header, Path, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -22,13 +22,27 @@ from model_store.bundle import Bundle, load_bundle
 from service import logs, metrics
 from service.engine import ServingEngine, engine_ready, open_serving_engine
 from service.pipeline import Pipeline, UnknownItem
-from service.schemas import ErrorBody, RecommendationRequest, RecommendationResponse
+from service.profiles import Profiles, ProfileUnavailable, StaleRevision
+from service.schemas import (
+    USER_ID,
+    ErrorBody,
+    PlaylistRequest,
+    RecommendationRequest,
+    RecommendationResponse,
+)
 from service.settings import Settings
 from service.store import EmbeddedRedis, UserStore
+from service.taste import TasteEdits, TasteProfile
 
 log = structlog.get_logger(__name__)
 
 MAX_BODY_BYTES = 64 * 1024
+
+UserId = Annotated[str, Path(pattern=USER_ID, examples=["196"])]
+IfMatch = Annotated[
+    str | None,
+    Header(description="The revision the edit is based on (from ETag); stale → 412."),
+]
 
 
 @dataclass
@@ -57,6 +71,7 @@ async def start(runtime: Runtime) -> None:
     runtime.store = UserStore(url, s.redis_timeout_ms / 1000.0, s.redis_cooldown_s)
     runtime.engine = open_serving_engine(s, runtime.bundle)
     runtime.pipeline = Pipeline(runtime.bundle, runtime.engine, runtime.store, s)
+    runtime.pipeline.warm()
     runtime.grpc_server, runtime.grpc_port = await start_grpc(runtime.pipeline, s.host, s.grpc_port)
     log.info(
         "ready",
@@ -158,6 +173,67 @@ def create_app(settings: Settings | None = None, announce: str | None = None) ->
         )
         return resp
 
+    @app.post(
+        "/v1/playlists",
+        response_model=RecommendationResponse,
+        responses={413: {"model": ErrorBody}, 422: {"model": ErrorBody}},
+    )
+    async def playlists(body: PlaylistRequest, request: Request) -> RecommendationResponse:
+        """An ordered list following the user's words (genres, moods, eras, kinds), personal."""
+        pipeline = _pipeline(runtime)
+        request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        return await pipeline.playlist(body, request_id=request_id[:64])
+
+    def _profile_response(profile: TasteProfile) -> JSONResponse:
+        return JSONResponse(
+            profile.model_dump(mode="json"), headers={"ETag": f'"{profile.revision}"'}
+        )
+
+    @app.get(
+        "/v1/users/{user_id}/taste-profile",
+        response_model=TasteProfile,
+        responses={422: {"model": ErrorBody}},
+    )
+    async def get_taste_profile(user_id: UserId) -> JSONResponse:
+        """What the system believes about the user, and their edits (ETag: the revision)."""
+        return _profile_response(await Profiles(_pipeline(runtime)).get(user_id))
+
+    @app.patch(
+        "/v1/users/{user_id}/taste-profile",
+        response_model=TasteProfile,
+        responses={412: {"model": ErrorBody}, 422: {"model": ErrorBody}, 503: {"model": ErrorBody}},
+    )
+    async def patch_taste_profile(
+        user_id: UserId, edits: TasteEdits, if_match: IfMatch = None
+    ) -> JSONResponse:
+        """Adds edits: `more`, `less`, `forget` (genres, creators, item URIs)."""
+        profiles = Profiles(_pipeline(runtime))
+        await profiles.patch(user_id, edits, _revision(if_match))
+        return _profile_response(await profiles.get(user_id))
+
+    @app.delete(
+        "/v1/users/{user_id}/taste-profile/edits",
+        response_model=TasteProfile,
+        responses={412: {"model": ErrorBody}, 422: {"model": ErrorBody}, 503: {"model": ErrorBody}},
+    )
+    async def reset_taste_profile(user_id: UserId, if_match: IfMatch = None) -> JSONResponse:
+        """Forgets every edit."""
+        profiles = Profiles(_pipeline(runtime))
+        await profiles.reset(user_id, _revision(if_match))
+        return _profile_response(await profiles.get(user_id))
+
+    @app.exception_handler(StaleRevision)
+    async def stale(request: Request, exc: StaleRevision) -> JSONResponse:
+        return _error(412, str(exc), {"revision": exc.current})
+
+    @app.exception_handler(ProfileUnavailable)
+    async def unavailable(request: Request, exc: ProfileUnavailable) -> JSONResponse:
+        return _error(503, f"taste profile unavailable: {exc}")
+
+    @app.exception_handler(BadRevision)
+    async def bad_revision(request: Request, exc: BadRevision) -> JSONResponse:
+        return _error(400, str(exc))
+
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:
         """The process is up."""
@@ -187,6 +263,19 @@ def create_app(settings: Settings | None = None, announce: str | None = None) ->
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+class BadRevision(ValueError):
+    """An If-Match header that is not a revision number."""
+
+
+def _revision(if_match: str | None) -> int | None:
+    if if_match is None:
+        return None
+    value = if_match.strip().removeprefix("W/").strip('"')
+    if not value.isdigit():
+        raise BadRevision(f"If-Match must be a revision number, got {if_match!r}")
+    return int(value)
 
 
 def _pipeline(runtime: Runtime) -> Pipeline:

@@ -34,6 +34,20 @@ class ItemFacts:
 
 
 @dataclass(frozen=True)
+class Taste:
+    """A user's taste-profile edits, resolved to item indices."""
+
+    more_genres: frozenset[str] = frozenset()
+    more_creators: frozenset[str] = frozenset()
+    more_items: frozenset[int] = frozenset()
+    less_genres: frozenset[str] = frozenset()
+    less_creators: frozenset[str] = frozenset()
+    less_items: frozenset[int] = frozenset()
+    forget_genres: frozenset[str] = frozenset()
+    forget_items: frozenset[int] = frozenset()
+
+
+@dataclass(frozen=True)
 class RuleInput:
     """What the rules know about one request."""
 
@@ -44,6 +58,8 @@ class RuleInput:
     k: int = 10
     genre_cap: int = 4
     creator_cap: int = 2
+    taste: Taste = Taste()
+    asked_genres: frozenset[str] = frozenset()  # named by the user: exempt from the genre cap
 
 
 Rule = Callable[[Sequence[Candidate], RuleInput, ItemFacts], list[Candidate]]
@@ -73,15 +89,47 @@ def age(cands: Sequence[Candidate], req: RuleInput, facts: ItemFacts) -> list[Ca
     return [c for c in cands if int(facts.min_age[c.item]) <= user_age]
 
 
+def _matches(item: int, facts: ItemFacts, genres: frozenset[str], creators: frozenset[str],
+             items: frozenset[int]) -> str | None:  # fmt: skip
+    """What in the sets `item` matches (for `why`), or None."""
+    if item in items:
+        return "this item"
+    hit = next((g for g in facts.genres[item] if g in genres), None)
+    if hit is not None:
+        return hit
+    creator = facts.creators[item]
+    return creator if creator and creator in creators else None
+
+
+def taste(cands: Sequence[Candidate], req: RuleInput, facts: ItemFacts) -> list[Candidate]:
+    """The user's edits: `forget` drops, `more` moves ahead, `less` moves behind."""
+    t = req.taste
+    ahead: list[Candidate] = []
+    middle: list[Candidate] = []
+    behind: list[Candidate] = []
+    for c in cands:
+        if c.item in t.forget_items or any(g in t.forget_genres for g in facts.genres[c.item]):
+            continue
+        if why := _matches(c.item, facts, t.less_genres, t.less_creators, t.less_items):
+            behind.append(replace(c, why=f"{c.why}; demoted: less {why}"))
+        elif why := _matches(c.item, facts, t.more_genres, t.more_creators, t.more_items):
+            ahead.append(replace(c, why=f"{c.why}; boosted: more {why}"))
+        else:
+            middle.append(c)
+    return ahead + middle + behind
+
+
 def diversity(cands: Sequence[Candidate], req: RuleInput, facts: ItemFacts) -> list[Candidate]:
     """At most `genre_cap` items per genre and `creator_cap` per creator in the top k;
-    items over a cap move behind the others instead of disappearing."""
+    items over a cap move behind the others instead of disappearing. Genres the user asked
+    for (in their words or their `more` edits) are not capped."""
     genre_count: Counter[str] = Counter()
     creator_count: Counter[str] = Counter()
     kept: list[Candidate] = []
     demoted: list[Candidate] = []
+    uncapped = req.asked_genres | req.taste.more_genres
     for c in cands:
-        genres = facts.genres[c.item]
+        genres = [g for g in facts.genres[c.item] if g not in uncapped]
         creator = facts.creators[c.item]
         over_genre = [g for g in genres if genre_count[g] >= req.genre_cap]
         over_creator = bool(creator) and creator_count[creator] >= req.creator_cap
@@ -101,6 +149,7 @@ RULES: dict[str, Rule] = {
     "exclude": exclude,
     "availability": availability,
     "age": age,
+    "taste": taste,
     "diversity": diversity,
 }
 

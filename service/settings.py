@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-RULES = ("no_repeats", "exclude", "availability", "age", "diversity")
+RULES = ("no_repeats", "exclude", "availability", "age", "taste", "diversity")
 """Business rules in the order they run; `GENREC_RULES` may list a subset."""
 
 
@@ -56,6 +56,12 @@ class Settings(BaseSettings):
     )
     rules: Annotated[list[str], NoDecode] = Field(
         list(RULES), description="Business rules to apply, in order (comma-separated)."
+    )
+    playlist_beam_width: int = Field(
+        50, ge=1, le=256, description="Beams per playlist request (more room to follow words)."
+    )
+    playlist_prompt_weight: float = Field(
+        2.0, ge=0, description="Weight of prompt-to-item content similarity in playlists."
     )
     genre_cap: int = Field(4, ge=1, description="Most items sharing one genre in a top-k.")
     creator_cap: int = Field(2, ge=1, description="Most items by one creator in a top-k.")

@@ -6,6 +6,7 @@ Keys (one published version never mixes with another):
 * ``emb:{version}:{user}``   → the user's embedding, float16 bytes
 * ``hist:{version}:{user}``  → the user's recent item indices (bundle indices), int32 bytes
 * ``emb:versions``           → published versions, newest first (old ones are deleted)
+* ``profile:{user}``         → taste-profile edits: hash {rev, edits (JSON)}, not versioned
 
 Histories are versioned with the embeddings because item indices belong to one bundle.
 A reader gets the version, embedding and history in one round trip (a Lua script), so it
@@ -33,10 +34,20 @@ VERSIONS = "emb:versions"
 KEEP_VERSIONS = 2  # the active one and the one readers may still be using
 
 _FETCH = """
+local edits = redis.call('HGET', KEYS[2], 'edits')
 local v = redis.call('GET', KEYS[1])
-if not v then return {false, false, false} end
+if not v then return {false, false, false, edits} end
 return {v, redis.call('GET', 'emb:' .. v .. ':' .. ARGV[1]),
-        redis.call('GET', 'hist:' .. v .. ':' .. ARGV[1])}
+        redis.call('GET', 'hist:' .. v .. ':' .. ARGV[1]), edits}
+"""
+
+# Compare-and-set of a user's taste-profile edits: writes only when the stored revision is
+# the one the caller read, and bumps it.
+_SET_EDITS = """
+local rev = tonumber(redis.call('HGET', KEYS[1], 'rev') or '0')
+if tonumber(ARGV[1]) ~= rev then return {0, rev} end
+redis.call('HSET', KEYS[1], 'rev', rev + 1, 'edits', ARGV[2])
+return {1, rev + 1}
 """
 
 
@@ -51,6 +62,7 @@ class UserState:
     version: str | None
     embedding: np.ndarray | None
     history: np.ndarray | None
+    edits: str | None = None  # taste-profile edits, JSON
 
     @property
     def bundle_version(self) -> str | None:
@@ -63,6 +75,10 @@ def emb_key(version: str, user: str) -> str:
 
 def hist_key(version: str, user: str) -> str:
     return f"hist:{version}:{user}"
+
+
+def profile_key(user: str) -> str:
+    return f"profile:{user}"
 
 
 def encode_embedding(vector: np.ndarray) -> bytes:
@@ -211,6 +227,7 @@ class UserStore:
             retry=Retry(NoBackoff(), 0),
         )
         self._fetch: Any = self._client.register_script(_FETCH)
+        self._set_edits: Any = self._client.register_script(_SET_EDITS)
         self._down_until = 0.0
 
     @property
@@ -231,12 +248,26 @@ class UserStore:
             raise StoreUnavailable(f"redis: {type(e).__name__}: {e}") from e
 
     async def fetch(self, user: str) -> UserState:
-        version, emb, hist = await self._call(self._fetch(keys=[CURRENT], args=[user]))
+        keys = [CURRENT, profile_key(user)]
+        version, emb, hist, edits = await self._call(self._fetch(keys=keys, args=[user]))
         return UserState(
             version=None if version is None else version.decode(),
             embedding=None if emb is None else decode_embedding(emb),
             history=None if hist is None else decode_history(hist),
+            edits=None if edits is None else edits.decode(),
         )
+
+    async def get_edits(self, user: str) -> tuple[int, str | None]:
+        """(revision, edits JSON or None) of the user's taste profile."""
+        rev, edits = await self._call(self._client.hmget(profile_key(user), ["rev", "edits"]))
+        return int(rev or 0), None if edits is None else edits.decode()
+
+    async def set_edits(self, user: str, expected_revision: int, edits: str) -> tuple[bool, int]:
+        """Writes `edits` if the stored revision is `expected_revision`: (written, revision)."""
+        ok, rev = await self._call(
+            self._set_edits(keys=[profile_key(user)], args=[expected_revision, edits])
+        )
+        return bool(ok), int(rev)
 
     async def ping(self) -> bool:
         """Reachability for /readyz; a failure also opens the cool-down."""

@@ -250,3 +250,89 @@ def test_remote_engine_down_falls_back_to_ann(live: Live, remote) -> None:
     assert ready["ready"] and ready["engine_state"] == "degraded"
     text = httpx.get(f"{service.base}/metrics").text
     assert "genrec_engine_errors_total" in text
+
+
+# ------------------------------------------------------------------ taste profile, playlists
+
+
+def _profile_url(live: Live, user: str) -> str:
+    return f"{live.service.base}/v1/users/{user}/taste-profile"
+
+
+def test_taste_profile_round_trip_and_stale_revision(live: Live) -> None:
+    user, _ = _user(live.bundle, 20)
+    r = httpx.get(_profile_url(live, user))
+    assert r.status_code == 200
+    profile = r.json()
+    rev = profile["revision"]
+    assert r.headers["etag"] == f'"{rev}"' and profile["summary"] and profile["top_genres"]
+    edit = {"more": {"genres": ["thriller"]}, "forget": {"genres": ["comedy"]}}
+    r = httpx.patch(_profile_url(live, user), json=edit, headers={"If-Match": f'"{rev}"'})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["revision"] == rev + 1
+    assert body["edits"]["more"]["genres"] == ["thriller"]
+    assert body["edits"]["forget"]["genres"] == ["comedy"]
+    assert "comedy" not in [g["name"] for g in body["top_genres"]]
+    # a second editor still holding the old revision is refused, nothing is overwritten
+    r = httpx.patch(_profile_url(live, user), json={"less": {"genres": ["drama"]}},
+                    headers={"If-Match": f'"{rev}"'})  # fmt: skip
+    assert r.status_code == 412 and r.json()["detail"]["revision"] == rev + 1
+    assert httpx.get(_profile_url(live, user)).json()["edits"]["less"]["genres"] == []
+    # `more` then `less` of one genre moves it, it is never in both lists
+    r = httpx.patch(_profile_url(live, user), json={"less": {"genres": ["thriller"]}})
+    assert r.json()["edits"]["less"]["genres"] == ["thriller"]
+    assert r.json()["edits"]["more"]["genres"] == []
+    r = httpx.delete(f"{_profile_url(live, user)}/edits")
+    assert r.status_code == 200 and r.json()["edits"]["forget"]["genres"] == []
+    bad = [
+        ({"more": {"genres": ["x"]}, "sideways": {}}, 422),
+        ({"forget": {"items": ["nope"]}}, 422),
+    ]
+    for body, status in bad:
+        assert httpx.patch(_profile_url(live, user), json=body).status_code == status
+    r = httpx.patch(_profile_url(live, user), json={}, headers={"If-Match": "abc"})
+    assert r.status_code == 400
+    assert httpx.get(_profile_url(live, "bad user")).status_code == 404 or 422
+
+
+def _genre_share(live: Live, items: list[dict[str, Any]], genre: str) -> float:
+    genres = dict(zip(live.bundle.catalog["uri"], live.bundle.catalog["genres"], strict=True))
+    return sum(genre in genres[i["uri"]] for i in items) / max(1, len(items))
+
+
+def test_edits_change_recommendations(live: Live) -> None:
+    user, _ = _user(live.bundle, 30)
+    before = live.post({"user_id": user, "k": 20}).json()["items"]
+    counts: dict[str, int] = {}
+    for item in before:
+        for g in dict(zip(live.bundle.catalog["uri"], live.bundle.catalog["genres"], strict=True))[
+            item["uri"]
+        ]:
+            counts[g] = counts.get(g, 0) + 1
+    top = max(counts, key=counts.__getitem__)
+    try:
+        httpx.patch(_profile_url(live, user), json={"forget": {"genres": [top]}})
+        after = live.post({"user_id": user, "k": 20}).json()["items"]
+        assert _genre_share(live, before, top) > 0 and _genre_share(live, after, top) == 0
+        rare = "documentary" if top != "documentary" else "western"
+        share_before = _genre_share(live, after, rare)
+        httpx.patch(_profile_url(live, user), json={"more": {"genres": [rare]}})
+        more = live.post({"user_id": user, "k": 20}).json()["items"]
+        assert _genre_share(live, more, rare) > share_before
+        assert any("boosted: more" in i["why"] for i in more)
+    finally:
+        httpx.delete(f"{_profile_url(live, user)}/edits")
+
+
+def test_playlist_follows_a_genre_prompt(live: Live) -> None:
+    user, seen = _user(live.bundle, 40)
+    plain = live.post({"user_id": user, "k": 15}).json()["items"]
+    r = httpx.post(f"{live.service.base}/v1/playlists", timeout=30,
+                   json={"user_id": user, "prompt": "horror", "length": 15})  # fmt: skip
+    assert r.status_code == 200, r.text
+    items = r.json()["items"]
+    assert len(items) == 15 and not {i["uri"] for i in items} & seen
+    assert _genre_share(live, items, "horror") >= 0.6 > _genre_share(live, plain, "horror")
+    bad = httpx.post(f"{live.service.base}/v1/playlists", json={"user_id": user, "prompt": ""})
+    assert bad.status_code == 422

@@ -1,0 +1,86 @@
+"""Taste-profile reads and edits over Redis, with optimistic concurrency.
+
+A PATCH names the revision it read (`If-Match`); a stale one is refused (HTTP 412), so two
+editors never silently overwrite each other. Without `If-Match` the patch is merged into
+whatever is stored, atomically (compare-and-set, retried on a concurrent write).
+"""
+
+from __future__ import annotations
+
+from service.pipeline import Pipeline
+from service.store import StoreUnavailable
+from service.taste import TasteEdits, TasteProfile, build_profile
+
+MERGE_ATTEMPTS = 5
+
+
+class StaleRevision(Exception):
+    """The edits changed since the caller read them."""
+
+    def __init__(self, expected: int, current: int) -> None:
+        super().__init__(f"revision {expected} is stale; the profile is at revision {current}")
+        self.current = current
+
+
+class ProfileUnavailable(Exception):
+    """Edits cannot be read or stored: Redis is down."""
+
+
+class Profiles:
+    def __init__(self, pipeline: Pipeline) -> None:
+        self.pipeline = pipeline
+
+    async def get(self, user_id: str) -> TasteProfile:
+        """The derived profile; `degraded` says so when Redis is down (edits unknown)."""
+        degraded: list[str] = []
+        facts = await self.pipeline.user_facts(user_id, None, None, {}, degraded)
+        revision = 0
+        if self.pipeline.store is not None and "redis_down" not in degraded:
+            try:
+                revision, _ = await self.pipeline.store.get_edits(user_id)
+            except StoreUnavailable:
+                degraded.append("redis_down")
+        profile = build_profile(
+            user_id, self.pipeline.catalog, facts.history, facts.embedding, facts.edits, revision
+        )
+        profile.degraded = [d for d in degraded if d in ("redis_down", "stale_embedding")]
+        return profile
+
+    async def patch(self, user_id: str, patch: TasteEdits, if_match: int | None) -> int:
+        """Merges `patch` into the stored edits; the new revision."""
+        store = self.pipeline.store
+        if store is None:
+            raise ProfileUnavailable("no Redis configured")
+        try:
+            for _ in range(MERGE_ATTEMPTS):
+                revision, raw = await store.get_edits(user_id)
+                if if_match is not None and if_match != revision:
+                    raise StaleRevision(if_match, revision)
+                current = TasteEdits.model_validate_json(raw) if raw else TasteEdits()
+                merged = current.apply(patch).model_dump_json()
+                written, new_revision = await store.set_edits(user_id, revision, merged)
+                if written:
+                    return new_revision
+                if if_match is not None:
+                    raise StaleRevision(if_match, new_revision)
+        except StoreUnavailable as e:
+            raise ProfileUnavailable(str(e)) from e
+        raise ProfileUnavailable("the profile kept changing; try again")
+
+    async def reset(self, user_id: str, if_match: int | None) -> int:
+        """Clears every edit (a new revision, so readers of the old one see the change)."""
+        store = self.pipeline.store
+        if store is None:
+            raise ProfileUnavailable("no Redis configured")
+        try:
+            revision, _ = await store.get_edits(user_id)
+            if if_match is not None and if_match != revision:
+                raise StaleRevision(if_match, revision)
+            written, new_revision = await store.set_edits(
+                user_id, revision, TasteEdits().model_dump_json()
+            )
+        except StoreUnavailable as e:
+            raise ProfileUnavailable(str(e)) from e
+        if not written:
+            raise StaleRevision(revision, new_revision)
+        return new_revision

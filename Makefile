@@ -6,7 +6,9 @@ BUNDLE ?= bundles/ml-100k
 PRESET ?= full
 PIP_ARGS ?=
 
-.PHONY: install demo serve build eval test lint clean
+.PHONY: install demo serve build eval test lint clean deploy-tools test-deploy images
+
+VERSION ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 
 install: $(VENV)/.installed
 
@@ -41,5 +43,16 @@ lint: install
 test: lint
 	$(PY) -m pytest -q
 
+deploy-tools:
+	bash deploy/tools.sh
+
+# Dockerfile, chart, dashboard and alert checks only (no cluster, no Docker daemon).
+test-deploy: install
+	$(PY) -m pytest -q tests/test_deploy.py
+
+images:
+	docker build --target cpu -t genrec:$(VERSION)-cpu .
+	docker build --target gpu -t genrec:$(VERSION)-gpu .
+
 clean:
-	rm -rf $(VENV) bundles .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) bundles .pytest_cache .mypy_cache .ruff_cache .cache/tools

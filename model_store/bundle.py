@@ -19,6 +19,20 @@ import pandas as pd
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+REQUIRED_FILES = (
+    "catalog.parquet",
+    "users.parquet",
+    "sid_codes.npy",
+    "sid_trie.npz",
+    "item_embeddings.npy",
+    "item_retrieval.npy",
+    "content_vectors.npy",
+    "user_embeddings.npy",
+    "histories.npz",
+    "reranker.txt",
+    "llm/config.json",
+)
+"""What the gateway loads; a bundle without one of them cannot be served."""
 
 
 class BundleError(ValueError):
@@ -73,6 +87,11 @@ def verify(directory: Path) -> dict[str, Any]:
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
         raise BundleError(f"{path}: no file checksums")
+    missing = [name for name in REQUIRED_FILES if name not in files]
+    if missing:
+        raise BundleError(
+            f"{path}: lacks {missing} (built by an older genrec?); rebuild it with `genrec build`"
+        )
     for name, expected in sorted(files.items()):
         file = directory / name
         if not file.is_file():

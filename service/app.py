@@ -132,14 +132,16 @@ def create_app(settings: Settings | None = None, announce: str | None = None) ->
             return _error(413, f"request body over {MAX_BODY_BYTES} bytes")
         start = time.perf_counter()
         metrics.INFLIGHT.inc()
+        status = 500  # what an exception escaping the app becomes
         try:
             response = await call_next(request)
+            status = response.status_code
         finally:
             metrics.INFLIGHT.dec()
-        route = request.scope.get("route")
-        endpoint = f"{request.method} {route.path}" if route is not None else "unmatched"
-        metrics.REQUEST_SECONDS.labels(endpoint).observe(time.perf_counter() - start)
-        metrics.REQUESTS.labels(endpoint, str(response.status_code)).inc()
+            route = request.scope.get("route")
+            endpoint = f"{request.method} {route.path}" if route is not None else "unmatched"
+            metrics.REQUEST_SECONDS.labels(endpoint).observe(time.perf_counter() - start)
+            metrics.REQUESTS.labels(endpoint, str(status)).inc()
         return response
 
     @app.exception_handler(RequestValidationError)
@@ -261,6 +263,7 @@ def create_app(settings: Settings | None = None, announce: str | None = None) ->
     async def prometheus() -> Response:
         body = generate_latest(metrics.REGISTRY) + generate_latest(DEFAULT_REGISTRY)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
+
 
     return app
 

@@ -38,7 +38,9 @@ def publish_embeddings(
     redis_url: Annotated[
         str | None, typer.Option(envvar="REDIS_URL", help="Redis URL (default: embedded).")
     ] = None,
-    redis_db: Annotated[Path, typer.Option(help="Embedded Redis file.")] = Path("data/redis.db"),
+    redis_db: Annotated[
+        Path, typer.Option(envvar="GENREC_REDIS_DB", help="Embedded Redis file.")
+    ] = Path("data/redis.db"),
     history_len: int = 1000,
 ) -> None:
     """Write every user's embedding and recent history to Redis under a new version, then

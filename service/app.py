@@ -264,7 +264,9 @@ def create_app(settings: Settings | None = None, announce: str | None = None) ->
         body = generate_latest(metrics.REGISTRY) + generate_latest(DEFAULT_REGISTRY)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
+    from service import ui  # the web page at /ui and its two JSON endpoints
 
+    app.include_router(ui.router(runtime))
     return app
 
 

@@ -14,6 +14,7 @@ looks inside them.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -66,7 +67,8 @@ class Beam:
 @dataclass
 class SearchStats:
     engine_calls: int = 0
-    rows_scored: list[int] = field(default_factory=list)
+    rows_scored: list[int] = field(default_factory=list)  # one entry per engine call
+    level_seconds: list[float] = field(default_factory=list)  # one entry per SID level
 
 
 @dataclass(frozen=True)
@@ -112,7 +114,10 @@ def beam_search(
     for level in range(trie.levels):
         child_codes, child_nodes = _allowed_children(trie, nodes, owner, blocked)
         tokens = [layout.token(level, c) for c in child_codes]
+        started = time.perf_counter()
         raw = _score(session, tokens, stats)
+        if stats is not None:
+            stats.level_seconds.append(time.perf_counter() - started)
         cand_row = np.concatenate([np.full(len(c), r) for r, c in enumerate(child_codes)])
         cand_code = np.concatenate(child_codes)
         cand_node = np.concatenate(child_nodes)

@@ -65,6 +65,13 @@ BEAM_STEPS = Counter(
 BEAM_ROWS = Counter(
     "genrec_beam_rows", "Rows (beams) scored by the engine across all steps.", registry=REGISTRY
 )
+BEAM_LEVEL_SECONDS = Histogram(
+    "genrec_beam_level_seconds",
+    "Time of one beam-search step (one SID level of one engine batch), by level.",
+    ["level"],
+    buckets=BUCKETS,
+    registry=REGISTRY,
+)
 BATCH_SIZE = Histogram(
     "genrec_engine_batch_requests",
     "Requests searched together in one engine batch.",

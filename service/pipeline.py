@@ -260,11 +260,14 @@ class Pipeline:
         with metrics.timed("generate", timings):
             future = self.worker.submit(prompt, width, banned, deadline)
             try:
-                return await asyncio.wait_for(
+                searched = await asyncio.wait_for(
                     asyncio.wrap_future(future), timeout=max(0.0, deadline - time.monotonic())
                 )
             except TimeoutError as e:
                 raise DeadlineExceeded("engine answered after the deadline") from e
+        for level, seconds in enumerate(searched.level_seconds):
+            timings[f"beam_step_{level}"] = seconds * 1000.0
+        return searched.beams
 
     def _backfill(
         self, facts: UserFacts, seen: set[int], n: int

@@ -27,6 +27,14 @@ Search = Callable[
 ]
 
 
+@dataclass(frozen=True)
+class Searched:
+    """One request's beams, and the time of each SID level of the search it was part of."""
+
+    beams: list[Beam]
+    level_seconds: list[float]
+
+
 class DeadlineExceeded(TimeoutError):
     """The request's deadline passed before the engine got to it."""
 
@@ -38,7 +46,7 @@ class _Job:
     exclude: Collection[int]
     deadline: float  # time.monotonic()
     enqueued: float = field(default_factory=time.monotonic)
-    future: Future[list[Beam]] = field(default_factory=Future)
+    future: Future[Searched] = field(default_factory=Future)
 
 
 class EngineWorker:
@@ -52,7 +60,7 @@ class EngineWorker:
 
     def submit(
         self, prompt: Prompt, beam_width: int, exclude: Collection[int], deadline: float
-    ) -> Future[list[Beam]]:
+    ) -> Future[Searched]:
         """Queues one search; `exclude` are items it must not return (consumed ones)."""
         job = _Job(prompt, beam_width, exclude, deadline)
         self._queue.put(job)
@@ -106,5 +114,7 @@ class EngineWorker:
             return
         metrics.BEAM_STEPS.inc(stats.engine_calls)
         metrics.BEAM_ROWS.inc(sum(stats.rows_scored))
+        for level, seconds in enumerate(stats.level_seconds):
+            metrics.BEAM_LEVEL_SECONDS.labels(str(level)).observe(seconds)
         for job, beams in zip(jobs, results, strict=True):
-            job.future.set_result(beams)
+            job.future.set_result(Searched(beams, stats.level_seconds))

@@ -87,7 +87,7 @@ class Pipeline:
     ) -> None:
         self.bundle = bundle
         self.settings = settings
-        self.recommender = Recommender(bundle)
+        self.recommender = Recommender(bundle, align=settings.prompt_align)
         self.store = store
         catalog = bundle.catalog
         self.uris: list[str] = catalog["uri"].tolist()

@@ -41,6 +41,11 @@ class Settings(BaseSettings):
     beam_width: int = Field(
         20, ge=1, le=256, description="Beams (distinct candidates) per request."
     )
+    prompt_align: int = Field(
+        32,
+        ge=0,
+        description="Trim the oldest history items so prompts fill whole KV blocks (0: off).",
+    )
     max_batch: int = Field(16, ge=1, description="Most requests searched in one engine batch.")
     deadline_ms: float = Field(
         1000.0, gt=0, description="Per-request budget; past it the engine answer is dropped."

@@ -89,7 +89,9 @@ def test_known_user_gets_generative_unseen_catalog_items(bundle, torch_engine, r
     assert len(uris) == 10 == len(set(uris))
     assert set(uris) <= catalog and not set(uris) & seen and exclude not in uris
     assert any(i.why.startswith("generative") for i in resp.items)
-    assert {"redis", "project", "generate", "rerank", "rules", "beam_step_0"} <= set(resp.timings_ms)
+    assert {"redis", "project", "generate", "rerank", "rules", "beam_step_0"} <= set(
+        resp.timings_ms
+    )
 
 
 def test_engine_failure_falls_back_to_ann(bundle, redis_server):

@@ -4,6 +4,7 @@ bundle built from ML-100K. Faults are real too: Redis and the vLLM server get ki
 
 from __future__ import annotations
 
+import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -227,7 +228,10 @@ def remote(
 
 
 def test_remote_engine_serves_what_the_in_process_engine_serves(live: Live, remote) -> None:
-    service, _ = remote
+    service, server = remote
+    vllm_names = _series_names(httpx.get(f"{server.base_url}/metrics").text)
+    wanted = {n for n in _dashboard_and_alert_metrics() if n.startswith("vllm:")}
+    assert wanted and wanted <= vllm_names, wanted - vllm_names  # the dashboards' vLLM panels
     user, _ = _user(live.bundle, 5)
     body = {"user_id": user, "k": 10}
     here = live.post(body).json()
@@ -336,3 +340,50 @@ def test_playlist_follows_a_genre_prompt(live: Live) -> None:
     assert _genre_share(live, items, "horror") >= 0.6 > _genre_share(live, plain, "horror")
     bad = httpx.post(f"{live.service.base}/v1/playlists", json={"user_id": user, "prompt": ""})
     assert bad.status_code == 422
+
+
+# ------------------------------------------------------------------ what dashboards read
+
+
+def _series_names(text: str) -> set[str]:
+    """Series names a Prometheus scrape can carry, from its families (samples or not)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_sum", "_count"],
+                "info": ["_info"], "gauge": [""], "unknown": [""]}  # fmt: skip
+    names: set[str] = set()
+    for family in text_string_to_metric_families(text):
+        names |= {family.name + s for s in suffixes.get(family.type, [""])}
+        names |= {s.name for s in family.samples}
+    return names
+
+
+def _dashboard_and_alert_metrics() -> set[str]:
+    from tests.test_deploy import (
+        _adapter_exprs,
+        _alert_rules,
+        _as_promql,
+        _dashboard_exprs,
+        _selectors,
+    )  # fmt: skip
+
+    recorded = {r["record"] for r in _alert_rules() if "record" in r}
+    exprs = [r["expr"] for r in _alert_rules()] + [e for _, e in _dashboard_exprs()]
+    exprs += [e for _, e in _adapter_exprs()]
+    return {n for e in exprs for n, _ in _selectors(_as_promql(e)) if n and n not in recorded}
+
+
+def test_live_scrape_passes_promtool_and_has_every_dashboard_metric(live: Live) -> None:
+    from tests.test_deploy import _find_tool
+
+    live.post({"user_id": _user(live.bundle)[0]})
+    text = live.metrics()
+    wanted = {n for n in _dashboard_and_alert_metrics() if n.startswith("genrec_")}
+    assert wanted and wanted <= _series_names(text), wanted - _series_names(text)
+    promtool = _find_tool("promtool")
+    if promtool is None:
+        pytest.skip("promtool not installed (bash deploy/tools.sh fetches it)")
+    proc = subprocess.run(
+        [promtool, "check", "metrics"], input=text, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -20,6 +20,7 @@ from prometheus_client import REGISTRY as DEFAULT_REGISTRY
 
 from model_store.bundle import Bundle, load_bundle
 from service import logs, metrics
+from service.auth import authorized, needs_key, presented_key
 from service.engine import ServingEngine, engine_ready, open_serving_engine
 from service.pipeline import Pipeline, UnknownItem
 from service.profiles import Profiles, ProfileUnavailable, StaleRevision
@@ -72,7 +73,9 @@ async def start(runtime: Runtime) -> None:
     runtime.engine = open_serving_engine(s, runtime.bundle)
     runtime.pipeline = Pipeline(runtime.bundle, runtime.engine, runtime.store, s)
     runtime.pipeline.warm()
-    runtime.grpc_server, runtime.grpc_port = await start_grpc(runtime.pipeline, s.host, s.grpc_port)
+    runtime.grpc_server, runtime.grpc_port = await start_grpc(
+        runtime.pipeline, s.host, s.grpc_port, s.api_keys
+    )
     log.info(
         "ready",
         bundle=runtime.bundle.version,
@@ -127,6 +130,11 @@ def create_app(settings: Settings | None = None, announce: str | None = None) ->
     async def observe(
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
+        keys = runtime.settings.api_keys
+        if needs_key(request.url.path, keys) and not authorized(
+            presented_key(request.headers), keys
+        ):
+            return _error(401, "missing or unknown API key (Authorization: Bearer KEY)")
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > MAX_BODY_BYTES):
             return _error(413, f"request body over {MAX_BODY_BYTES} bytes")

@@ -133,6 +133,7 @@ def next_episode_command(
     current: Annotated[str, typer.Option(help="Item URI being played now.")] = "",
     k: int = 10,
     target: Annotated[str, typer.Option(help="gRPC host:port.")] = "127.0.0.1:50051",
+    api_key: Annotated[str | None, typer.Option(envvar="GENREC_API_KEY")] = None,
 ) -> None:
     """Call the gRPC NextEpisode service and print its answer as JSON."""
     import grpc
@@ -140,7 +141,8 @@ def next_episode_command(
     from service.client import next_episode
 
     try:
-        typer.echo(json.dumps(next_episode(target, user, current, k), indent=2))
+        answer = next_episode(target, user, current, k, api_key=api_key)
+        typer.echo(json.dumps(answer, indent=2))
     except grpc.RpcError as e:
         raise _fail(f"{e.code().name}: {e.details()}") from e
 

@@ -11,6 +11,7 @@ from grpc_reflection.v1alpha import reflection
 from pydantic import ValidationError
 
 from service import metrics
+from service.auth import authorized, presented_key
 from service.pipeline import Pipeline, UnknownItem
 from service.proto import next_episode_pb2 as pb
 from service.proto import next_episode_pb2_grpc as pb_grpc
@@ -44,8 +45,9 @@ def _validation_detail(e: ValidationError) -> str:
 
 
 class NextEpisodeServicer(pb_grpc.NextEpisodeServicer):
-    def __init__(self, pipeline: Pipeline) -> None:
+    def __init__(self, pipeline: Pipeline, api_keys: list[str]) -> None:
         self.pipeline = pipeline
+        self.api_keys = api_keys
 
     async def Next(
         self, request: pb.NextRequest, context: grpc.aio.ServicerContext
@@ -53,6 +55,11 @@ class NextEpisodeServicer(pb_grpc.NextEpisodeServicer):
         start = time.perf_counter()
         code = grpc.StatusCode.OK
         try:
+            if self.api_keys:
+                metadata = {k.lower(): str(v) for k, v in context.invocation_metadata() or ()}
+                if not authorized(presented_key(metadata), self.api_keys):
+                    code = grpc.StatusCode.UNAUTHENTICATED
+                    await context.abort(code, "missing or unknown API key (authorization metadata)")
             try:
                 req = _request(request)
             except ValidationError as e:
@@ -72,10 +79,12 @@ class NextEpisodeServicer(pb_grpc.NextEpisodeServicer):
             metrics.REQUEST_SECONDS.labels(ENDPOINT).observe(time.perf_counter() - start)
 
 
-async def start_grpc(pipeline: Pipeline, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+async def start_grpc(
+    pipeline: Pipeline, host: str, port: int, api_keys: list[str]
+) -> tuple[grpc.aio.Server, int]:
     """Starts the server on (host, port) and returns it with the port it bound."""
     server = grpc.aio.server()
-    pb_grpc.add_NextEpisodeServicer_to_server(NextEpisodeServicer(pipeline), server)
+    pb_grpc.add_NextEpisodeServicer_to_server(NextEpisodeServicer(pipeline, api_keys), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

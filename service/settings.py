@@ -73,11 +73,16 @@ class Settings(BaseSettings):
     availability_file: Path | None = Field(
         None, description="CSV `uri,markets,min_age`: where items may be shown, and to whom."
     )
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated keys; when set, /v1/* and gRPC need one "
+        "(`Authorization: Bearer KEY` or `X-API-Key: KEY`).",
+    )
     log_json: bool = Field(False, description="Structured logs as JSON lines.")
 
-    @field_validator("rules", mode="before")
+    @field_validator("rules", "api_keys", mode="before")
     @classmethod
-    def _split_rules(cls, value: object) -> object:
+    def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
             return [name.strip() for name in value.split(",") if name.strip()]
         return value

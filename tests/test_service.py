@@ -203,6 +203,9 @@ def test_metrics_cover_stages_and_bundle(live: Live) -> None:
 
 # ------------------------------------------------------------------ remote engine mode
 
+API_KEY = "test-key-1"
+KEY_HEADER = {"Authorization": f"Bearer {API_KEY}"}
+
 
 @pytest.fixture(scope="module")
 def remote(
@@ -217,6 +220,7 @@ def remote(
             "REDIS_URL": live.redis.url,
             "GENREC_ENGINE": "remote",
             "GENREC_ENGINE_URL": server.base_url,
+            "GENREC_API_KEYS": f"other-key,{API_KEY}",  # this service also checks keys
         }
         service = ServiceProcess(live.bundle.dir, env, directory / "service.log")
         service.wait_ready()
@@ -235,7 +239,9 @@ def test_remote_engine_serves_what_the_in_process_engine_serves(live: Live, remo
     user, _ = _user(live.bundle, 5)
     body = {"user_id": user, "k": 10}
     here = live.post(body).json()
-    there = httpx.post(f"{service.base}/v1/recommendations", json=body, timeout=30).json()
+    there = httpx.post(
+        f"{service.base}/v1/recommendations", json=body, timeout=30, headers=KEY_HEADER
+    ).json()
     assert there["served_by"] == "generative"
     assert [i["uri"] for i in there["items"]] == [i["uri"] for i in here["items"]]
 
@@ -245,7 +251,9 @@ def test_remote_engine_down_falls_back_to_ann(live: Live, remote) -> None:
     server.stop()
     user, seen = _user(live.bundle, 5)
     start = time.perf_counter()
-    r = httpx.post(f"{service.base}/v1/recommendations", json={"user_id": user}, timeout=30)
+    r = httpx.post(
+        f"{service.base}/v1/recommendations", json={"user_id": user}, timeout=30, headers=KEY_HEADER
+    )
     assert time.perf_counter() - start < 5
     body = r.json()
     assert body["served_by"] == "ann" and body["degraded"] == ["engine_error"]
@@ -387,3 +395,20 @@ def test_live_scrape_passes_promtool_and_has_every_dashboard_metric(live: Live) 
         [promtool, "check", "metrics"], input=text, capture_output=True, text=True
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_api_keys_guard_rest_and_grpc(live: Live, remote) -> None:
+    service, _ = remote
+    url = f"{service.base}/v1/recommendations"
+    user, _ = _user(live.bundle, 5)
+    assert httpx.post(url, json={"user_id": user}).status_code == 401
+    assert httpx.post(url, json={"user_id": user}, headers={"X-API-Key": "nope"}).status_code == 401
+    ok = httpx.post(url, json={"user_id": user}, headers={"X-API-Key": API_KEY}, timeout=30)
+    assert ok.status_code == 200
+    for open_path in ("/healthz", "/readyz", "/metrics"):
+        assert httpx.get(f"{service.base}{open_path}").status_code == 200
+    target = f"127.0.0.1:{service.grpc_port}"
+    with pytest.raises(grpc.RpcError) as err:
+        next_episode(target, user, "", 5)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert len(next_episode(target, user, "", 5, api_key=API_KEY)["items"]) == 5

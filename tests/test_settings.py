@@ -37,3 +37,18 @@ def test_environment_overrides_and_validation(monkeypatch: pytest.MonkeyPatch) -
         with pytest.raises(ValidationError):
             Settings()
         monkeypatch.delenv(name)
+
+
+def test_api_key_parsing_and_public_paths() -> None:
+    from service.auth import authorized, needs_key, presented_key
+
+    assert presented_key({"authorization": "Bearer abc"}) == "abc"
+    assert presented_key({"authorization": "bearer  abc "}) == "abc"
+    assert presented_key({"x-api-key": "xyz"}) == "xyz"
+    assert presented_key({"authorization": "Basic Zm9v"}) is None
+    assert presented_key({}) is None
+    assert authorized("k2", ["k1", "k2"]) and not authorized("k3", ["k1", "k2"])
+    assert not authorized(None, ["k1"])
+    assert needs_key("/v1/recommendations", ["k"]) and not needs_key("/v1/recommendations", [])
+    for path in ("/healthz", "/readyz", "/metrics", "/docs", "/openapi.json", "/ui"):
+        assert not needs_key(path, ["k"])

@@ -19,7 +19,7 @@ embeddings with the placeholder positions replaced by the prompt's soft rows.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
@@ -30,7 +30,15 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
-from model_store.generation import Beam, Engine, Prompt, SearchStats, TokenLayout, beam_search
+from model_store.generation import (
+    Beam,
+    Engine,
+    Prompt,
+    SearchStats,
+    Session,
+    TokenLayout,
+    beam_search,
+)
 
 if TYPE_CHECKING:
     from vllm import LLM, SamplingParams
@@ -67,10 +75,81 @@ def prompt_embeddings(prompt: Prompt, table: torch.Tensor) -> torch.Tensor:
     return out
 
 
+class ClosingEngine:
+    """Engines are context managers that `close()` on exit."""
+
+    def close(self) -> None:
+        """Releases what the engine holds; nothing by default."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class EmbeddingEngine(ClosingEngine):
+    """What engines fed with prompt embeddings share: the model's input-embedding table
+    (`self.table`), the prompts' embeddings, and a warm-up request."""
+
+    table: torch.Tensor
+
+    def open(self, prompts: Sequence[Prompt]) -> Session:
+        raise NotImplementedError
+
+    def embed(self, prompts: Sequence[Prompt]) -> list[torch.Tensor]:
+        if not prompts:
+            raise ValueError("no prompts")
+        return [prompt_embeddings(p, self.table) for p in prompts]
+
+    def warm(self) -> None:
+        """One tiny prompt-embeds request, so the first real search is not the slow one."""
+        vocab = int(self.table.shape[0])
+        self.open([Prompt(tuple(range(min(4, vocab))))]).logprobs([np.arange(min(2, vocab))])
+
+
+class EmbeddingRows:
+    """Live rows of one search as (prompt embeddings, SID tokens so far): engines that take
+    prompt embeddings rebuild each row's input from these, so `extend` is bookkeeping only."""
+
+    def __init__(self, table: torch.Tensor, prompts: list[torch.Tensor]) -> None:
+        self._table = table
+        self._prompts = prompts
+        self._owner = np.arange(len(prompts))
+        self._tokens = np.zeros((len(prompts), 0), dtype=np.int64)
+
+    @property
+    def rows(self) -> int:
+        return len(self._owner)
+
+    def _checked(self, candidates: Sequence[np.ndarray]) -> list[np.ndarray]:
+        if len(candidates) != self.rows:
+            raise ValueError(f"{len(candidates)} candidate lists for {self.rows} rows")
+        return [np.asarray(c, dtype=np.int64) for c in candidates]
+
+    def _row_embeddings(self) -> Callable[[int], torch.Tensor]:
+        """Row r's input: its prompt's embeddings, then its SID tokens' embeddings."""
+        suffix = self._table[torch.from_numpy(self._tokens)]  # (rows, level, hidden)
+        return lambda r: torch.cat([self._prompts[self._owner[r]], suffix[r]])
+
+    def extend(self, parents: np.ndarray, tokens: np.ndarray) -> None:
+        parents = np.asarray(parents, dtype=np.int64)
+        tokens = np.asarray(tokens, dtype=np.int64)
+        if parents.shape != tokens.shape or parents.ndim != 1:
+            raise ValueError("parents and tokens must be 1-d and of equal length")
+        self._owner = self._owner[parents]
+        self._tokens = np.concatenate([self._tokens[parents], tokens[:, None]], axis=1)
+
+
 # ---------------------------------------------------------------------------- PyTorch
 
 
-class TorchEngine:
+class TorchEngine(ClosingEngine):
     """Exact batched scoring with a Hugging Face causal LM and its KV cache."""
 
     def __init__(self, model: PreTrainedModel) -> None:
@@ -90,20 +169,6 @@ class TorchEngine:
 
     def open(self, prompts: Sequence[Prompt]) -> TorchSession:
         return TorchSession(self.model, self.table, prompts)
-
-    def close(self) -> None:
-        """Nothing to release; here so both engines can be used the same way."""
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 class TorchSession:
@@ -218,7 +283,7 @@ def load_input_embeddings(model_dir: str | Path) -> torch.Tensor:
     return table.float()
 
 
-class VLLMEngine:
+class VLLMEngine(EmbeddingEngine):
     """A ``vllm.LLM`` scoring each live row as one single-token request.
 
     `**llm_kwargs` go to ``vllm.LLM`` and override the defaults set here. `kv_cache_gib`
@@ -260,14 +325,12 @@ class VLLMEngine:
         self.model_dir = Path(model_dir)
         self.table = load_input_embeddings(self.model_dir)
         self.llm: LLM | None = LLM(model=str(self.model_dir), **options)
-        self.vocab_size = int(self.llm.llm_engine.model_config.get_vocab_size())
         if warmup:
-            self._warmup()
+            self.warm()
 
-    def _warmup(self) -> None:
-        """One tiny prompt-embeds request, so the first real search is not the slow one."""
-        prompt = Prompt(tuple(range(min(4, self.vocab_size))))
-        self.open([prompt]).logprobs([np.arange(min(2, self.vocab_size))])
+    def ready(self) -> bool:
+        """In-process: ready while not closed."""
+        return self.llm is not None
 
     def _require_llm(self) -> LLM:
         if self.llm is None:
@@ -275,11 +338,7 @@ class VLLMEngine:
         return self.llm
 
     def open(self, prompts: Sequence[Prompt]) -> VLLMSession:
-        llm = self._require_llm()
-        if not prompts:
-            raise ValueError("no prompts")
-        embeds = [prompt_embeddings(p, self.table) for p in prompts]
-        return VLLMSession(llm, self.table, embeds)
+        return VLLMSession(self._require_llm(), self.table, self.embed(prompts))
 
     def close(self) -> None:
         """Shuts the engine core down (and its worker processes when multiprocessing)."""
@@ -288,17 +347,6 @@ class VLLMEngine:
         llm, self.llm = self.llm, None
         llm.llm_engine.engine_core.shutdown()
         del llm
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
 
 def _sampling_params(candidates: np.ndarray) -> SamplingParams:
@@ -315,19 +363,12 @@ def _sampling_params(candidates: np.ndarray) -> SamplingParams:
     )
 
 
-class VLLMSession:
-    """Live rows as (prompt embeddings, SID tokens so far); `extend` is bookkeeping only."""
+class VLLMSession(EmbeddingRows):
+    """A search's rows, each scored as vLLM requests over its prompt embeddings."""
 
     def __init__(self, llm: LLM, table: torch.Tensor, prompts: list[torch.Tensor]) -> None:
+        super().__init__(table, prompts)
         self._llm = llm
-        self._table = table
-        self._prompts = prompts
-        self._owner = np.arange(len(prompts))
-        self._tokens = np.zeros((len(prompts), 0), dtype=np.int64)
-
-    @property
-    def rows(self) -> int:
-        return len(self._owner)
 
     def logprobs(self, candidates: Sequence[np.ndarray]) -> list[np.ndarray]:
         """One `generate` call for all rows; a row with more candidates than vLLM's cap of 128
@@ -336,17 +377,15 @@ class VLLMSession:
         (A request with `logprobs=-1` cannot share the call: when any request in a batch sets
         `logprob_token_ids`, vLLM 0.32's sampler returns those for every request.)
         """
-        if len(candidates) != self.rows:
-            raise ValueError(f"{len(candidates)} candidate lists for {self.rows} rows")
-        wanted = [np.asarray(c, dtype=np.int64) for c in candidates]
-        suffix = self._table[torch.from_numpy(self._tokens)]  # (rows, level, hidden)
+        wanted = self._checked(candidates)
+        row_embeddings = self._row_embeddings()
         requests: list[Any] = []
         params: list[SamplingParams] = []
         pieces: list[tuple[int, np.ndarray]] = []  # (row, candidate ids) of each request
         for r, cands in enumerate(wanted):
             if not len(cands):
                 continue
-            embeds = torch.cat([self._prompts[self._owner[r]], suffix[r]])
+            embeds = row_embeddings(r)
             for start in range(0, len(cands), MAX_LOGPROB_TOKEN_IDS):
                 piece = cands[start : start + MAX_LOGPROB_TOKEN_IDS]
                 requests.append({"prompt_embeds": embeds})
@@ -358,14 +397,6 @@ class VLLMSession:
             for (r, piece), output in zip(pieces, outputs, strict=True):
                 parts[r].append(_candidate_logprobs(output.outputs[0].logprobs, piece))
         return [np.concatenate(p) if p else np.zeros(0, dtype=np.float32) for p in parts]
-
-    def extend(self, parents: np.ndarray, tokens: np.ndarray) -> None:
-        parents = np.asarray(parents, dtype=np.int64)
-        tokens = np.asarray(tokens, dtype=np.int64)
-        if parents.shape != tokens.shape or parents.ndim != 1:
-            raise ValueError("parents and tokens must be 1-d and of equal length")
-        self._owner = self._owner[parents]
-        self._tokens = np.concatenate([self._tokens[parents], tokens[:, None]], axis=1)
 
 
 def _candidate_logprobs(logprobs: Any, candidates: np.ndarray) -> np.ndarray:

@@ -21,7 +21,7 @@ from prometheus_client import REGISTRY as DEFAULT_REGISTRY
 from model_store.bundle import Bundle, load_bundle
 from service import logs, metrics
 from service.auth import authorized, needs_key, presented_key
-from service.engine import ServingEngine, engine_ready, open_serving_engine
+from service.engine import ServingEngine, open_serving_engine
 from service.pipeline import Pipeline, UnknownItem
 from service.profiles import Profiles, ProfileUnavailable, StaleRevision
 from service.schemas import (
@@ -255,7 +255,7 @@ def create_app(settings: Settings | None = None, announce: str | None = None) ->
         if runtime.pipeline is None or runtime.store is None:
             return JSONResponse({"ready": False}, status_code=503)
         redis_ok = await runtime.store.ping()
-        engine_ok = await run_in_threadpool(engine_ready, runtime.engine)
+        engine_ok = runtime.engine is not None and await run_in_threadpool(runtime.engine.ready)
         return JSONResponse(
             {
                 "ready": True,

@@ -17,13 +17,11 @@ log = structlog.get_logger(__name__)
 class ServingEngine(Protocol):
     def open(self, prompts: Sequence[Prompt]) -> Session: ...
 
+    def ready(self) -> bool:
+        """Whether it answers now (a remote server's health check; in-process: not closed)."""
+        ...
+
     def close(self) -> None: ...
-
-
-def engine_ready(engine: object) -> bool:
-    """Whether the engine answers now: a remote server's health check; in-process, always."""
-    ready = getattr(engine, "ready", None)
-    return bool(ready()) if callable(ready) else True
 
 
 def open_serving_engine(settings: Settings, bundle: Bundle) -> ServingEngine:

@@ -22,14 +22,18 @@ import time
 from collections.abc import Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from pathlib import Path
-from types import TracebackType
-from typing import Any, Self
+from typing import Any
 
 import httpx
 import numpy as np
 import torch
 
-from model_store.engines import MAX_LOGPROB_TOKEN_IDS, load_input_embeddings, prompt_embeddings
+from model_store.engines import (
+    MAX_LOGPROB_TOKEN_IDS,
+    EmbeddingEngine,
+    EmbeddingRows,
+    load_input_embeddings,
+)
 from model_store.generation import Prompt
 
 RETRY_STATUS = frozenset({502, 503, 504})
@@ -61,7 +65,7 @@ def encode_embeddings(embeds: torch.Tensor) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-class RemoteEngine:
+class RemoteEngine(EmbeddingEngine):
     """:class:`~model_store.generation.Engine` over HTTP to a vLLM OpenAI server.
 
     `timeout_s` is the budget of one engine call (one search level), its retry included;
@@ -114,22 +118,17 @@ class RemoteEngine:
         return response.status_code == 200
 
     def warmup(self, timeout_s: float = 180.0) -> None:
-        """One tiny request, so that the server's first-batch compilation (~20 s on CPU) is
-        not a user's; it gets its own, longer budget."""
-        vocab = int(self.table.shape[0])
-        prompt = Prompt(tuple(range(min(4, vocab))))
+        """The warm-up request, so that the server's first-batch compilation (~20 s on CPU)
+        is not a user's; it gets its own, longer budget."""
         budget, self.timeout_s = self.timeout_s, max(timeout_s, self.timeout_s)
         try:
-            self.open([prompt]).logprobs([np.arange(min(2, vocab))])
+            self.warm()
         finally:
             self.timeout_s = budget
 
     def open(self, prompts: Sequence[Prompt]) -> RemoteSession:
         self._require_client()
-        if not prompts:
-            raise ValueError("no prompts")
-        embeds = [prompt_embeddings(p, self.table) for p in prompts]
-        return RemoteSession(self, embeds)
+        return RemoteSession(self, self.embed(prompts))
 
     def close(self) -> None:
         """Closes the connection pool and the request threads; idempotent."""
@@ -138,17 +137,6 @@ class RemoteEngine:
         client, self._client = self._client, None
         self._pool.shutdown(wait=False, cancel_futures=True)
         client.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
 
     def _require_client(self) -> httpx.Client:
         if self._client is None:
@@ -279,26 +267,17 @@ def _parse_completion(payload: Any, n: int, candidate_ids: tuple[int, ...]) -> l
     return [o for o in out if o is not None]
 
 
-class RemoteSession:
-    """Live rows as (prompt embeddings, SID tokens so far); `extend` is bookkeeping only."""
+class RemoteSession(EmbeddingRows):
+    """A search's rows, each scored by the server over its prompt embeddings."""
 
     def __init__(self, engine: RemoteEngine, prompts: list[torch.Tensor]) -> None:
+        super().__init__(engine.table, prompts)
         self._engine = engine
-        self._table = engine.table
-        self._prompts = prompts
-        self._owner = np.arange(len(prompts))
-        self._tokens = np.zeros((len(prompts), 0), dtype=np.int64)
-
-    @property
-    def rows(self) -> int:
-        return len(self._owner)
 
     def logprobs(self, candidates: Sequence[np.ndarray]) -> list[np.ndarray]:
         """All rows of the level in one engine call: one request per distinct candidate
         piece (≤ 128 ids) carrying every row that asks for it, the requests concurrent."""
-        if len(candidates) != self.rows:
-            raise ValueError(f"{len(candidates)} candidate lists for {self.rows} rows")
-        wanted = [np.asarray(c, dtype=np.int64) for c in candidates]
+        wanted = self._checked(candidates)
         groups: dict[tuple[int, ...], list[tuple[int, int]]] = {}  # ids -> (row, slot)
         for r, cands in enumerate(wanted):
             for slot, start in enumerate(range(0, len(cands), MAX_LOGPROB_TOKEN_IDS)):
@@ -308,13 +287,12 @@ class RemoteSession:
             [np.zeros(0, np.float32)] * -(-len(c) // MAX_LOGPROB_TOKEN_IDS) for c in wanted
         ]
         if groups:
-            suffix = self._table[torch.from_numpy(self._tokens)]  # (rows, level, hidden)
+            row_embeddings = self._row_embeddings()
             encoded: dict[int, str] = {}
 
             def encode(r: int) -> str:
                 if r not in encoded:
-                    embeds = torch.cat([self._prompts[self._owner[r]], suffix[r]])
-                    encoded[r] = encode_embeddings(embeds)
+                    encoded[r] = encode_embeddings(row_embeddings(r))
                 return encoded[r]
 
             size = self._engine.max_prompts_per_request
@@ -330,14 +308,6 @@ class RemoteSession:
                 for (r, slot), v in zip(members, values, strict=True):
                     parts[r][slot] = v
         return [np.concatenate(p) if p else np.zeros(0, dtype=np.float32) for p in parts]
-
-    def extend(self, parents: np.ndarray, tokens: np.ndarray) -> None:
-        parents = np.asarray(parents, dtype=np.int64)
-        tokens = np.asarray(tokens, dtype=np.int64)
-        if parents.shape != tokens.shape or parents.ndim != 1:
-            raise ValueError("parents and tokens must be 1-d and of equal length")
-        self._owner = self._owner[parents]
-        self._tokens = np.concatenate([self._tokens[parents], tokens[:, None]], axis=1)
 
 
 def server_args(model_dir: Path, host: str, port: int, *, kv_cache_bytes: int = 2**30) -> list[str]:

@@ -108,6 +108,8 @@ class Pipeline:
             min_age=min_age,
         )
         self.genre_names = frozenset(g for gs in self.facts.genres for g in gs)
+        self.items_by_genre = _index(self.facts.genres)
+        self.items_by_creator = _index([(c,) if c else () for c in self.facts.creators])
         self.catalog = taste.Catalog(
             uris=self.uris,
             titles=self.titles,
@@ -159,7 +161,7 @@ class Pipeline:
             return None
         if state.version is not None and state.bundle_version != self.bundle.version:
             degraded.append("stale_embedding")  # published for another bundle: indices differ
-            return UserState(None, None, None, state.edits)
+            return UserState(None, None, None, state.edits, state.revision)
         return state
 
     def _context(
@@ -222,7 +224,13 @@ class Pipeline:
         more = [i for i in self._indices(edits.more.items) if i not in shown]
         ctx, age = self._context(user, context)
         return UserFacts(
-            embedding, [int(i) for i in history], shown + more, ctx, age, edits, revision=0
+            embedding,
+            [int(i) for i in history],
+            shown + more,
+            ctx,
+            age,
+            edits,
+            revision=state.revision if state is not None else 0,
         )
 
     def _indices(self, uris: Sequence[str]) -> list[int]:
@@ -288,12 +296,13 @@ class Pipeline:
         the user first: asking for more of something the model rarely writes still shows it."""
         if not (t.more_genres or t.more_creators) or n < 1:
             return []
-        genres, creators = self.facts.genres, self.facts.creators
-
-        def asked(i: int) -> bool:
-            return bool(t.more_genres.intersection(genres[i])) or creators[i] in t.more_creators
-
-        wanted = [i for i in range(len(self.uris)) if i not in seen and asked(i)]
+        groups = [self.items_by_genre.get(g) for g in t.more_genres]
+        groups += [self.items_by_creator.get(c) for c in t.more_creators]
+        found = [g for g in groups if g is not None]
+        if not found:
+            return []
+        every = np.unique(np.concatenate(found))
+        wanted = every[~np.isin(every, np.fromiter(seen, dtype=np.int64))].tolist()
         if facts.embedding is not None:
             scores = self.recommender.table.vectors[wanted] @ facts.embedding
             scores = scores + self.recommender.table.prior[wanted]
@@ -449,6 +458,15 @@ class Pipeline:
             semantic_id=self.sids[c.item],
             why=c.why,
         )
+
+
+def _index(keys_per_item: Sequence[Sequence[str]]) -> dict[str, np.ndarray]:
+    """Key (a genre, a creator) → the items that have it, ascending."""
+    items: dict[str, list[int]] = {}
+    for item, keys in enumerate(keys_per_item):
+        for key in keys:
+            items.setdefault(key, []).append(item)
+    return {key: np.asarray(v, dtype=np.int64) for key, v in items.items()}
 
 
 def _first_of_each(cands: Sequence[Candidate]) -> list[Candidate]:

@@ -34,14 +34,13 @@ class Profiles:
         """The derived profile; `degraded` says so when Redis is down (edits unknown)."""
         degraded: list[str] = []
         facts = await self.pipeline.user_facts(user_id, None, None, {}, degraded)
-        revision = 0
-        if self.pipeline.store is not None and "redis_down" not in degraded:
-            try:
-                revision, _ = await self.pipeline.store.get_edits(user_id)
-            except StoreUnavailable:
-                degraded.append("redis_down")
         profile = build_profile(
-            user_id, self.pipeline.catalog, facts.history, facts.embedding, facts.edits, revision
+            user_id,
+            self.pipeline.catalog,
+            facts.history,
+            facts.embedding,
+            facts.edits,
+            facts.revision,
         )
         profile.degraded = [d for d in degraded if d in ("redis_down", "stale_embedding")]
         return profile

@@ -35,11 +35,11 @@ VERSIONS = "emb:versions"
 KEEP_VERSIONS = 2  # the active one and the one readers may still be using
 
 _FETCH = """
-local edits = redis.call('HGET', KEYS[2], 'edits')
+local profile = redis.call('HMGET', KEYS[2], 'rev', 'edits')
 local v = redis.call('GET', KEYS[1])
-if not v then return {false, false, false, edits} end
+if not v then return {false, false, false, profile[1], profile[2]} end
 return {v, redis.call('GET', 'emb:' .. v .. ':' .. ARGV[1]),
-        redis.call('GET', 'hist:' .. v .. ':' .. ARGV[1]), edits}
+        redis.call('GET', 'hist:' .. v .. ':' .. ARGV[1]), profile[1], profile[2]}
 """
 
 # Compare-and-set of a user's taste-profile edits: writes only when the stored revision is
@@ -64,6 +64,7 @@ class UserState:
     embedding: np.ndarray | None
     history: np.ndarray | None
     edits: str | None = None  # taste-profile edits, JSON
+    revision: int = 0  # of the edits
 
     @property
     def bundle_version(self) -> str | None:
@@ -291,12 +292,13 @@ class UserStore:
 
     async def fetch(self, user: str) -> UserState:
         keys = [CURRENT, profile_key(user)]
-        version, emb, hist, edits = await self._call(self._fetch(keys=keys, args=[user]))
+        version, emb, hist, rev, edits = await self._call(self._fetch(keys=keys, args=[user]))
         return UserState(
             version=None if version is None else version.decode(),
             embedding=None if emb is None else decode_embedding(emb),
             history=None if hist is None else decode_history(hist),
             edits=None if edits is None else edits.decode(),
+            revision=int(rev or 0),
         )
 
     async def get_edits(self, user: str) -> tuple[int, str | None]:

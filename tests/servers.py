@@ -8,9 +8,15 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import pytest
+
+from model_store.bundle import Bundle, load_bundle
+from service.store import publish_bundle, sync_client
 
 
 def free_port() -> int:
@@ -151,3 +157,23 @@ class VLLMServer:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(timeout=10)
+
+
+@contextmanager
+def published_service(
+    bundle_dir: Path, tmp: pytest.TempPathFactory, env: dict[str, str] | None = None
+) -> Iterator[tuple[Bundle, RedisServer, ServiceProcess]]:
+    """A real Redis holding the bundle's published users, and `genrec serve` over both,
+    ready; everything stopped on exit."""
+    bundle = load_bundle(bundle_dir)
+    redis = RedisServer(tmp.mktemp("redis"))
+    redis.start()
+    publish_bundle(sync_client(redis.url), bundle)
+    log = tmp.mktemp("service") / "service.log"
+    service = ServiceProcess(bundle_dir, {"REDIS_URL": redis.url, **(env or {})}, log)
+    try:
+        service.wait_ready()
+        yield bundle, redis, service
+    finally:
+        service.stop()
+        redis.stop()

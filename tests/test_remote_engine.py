@@ -15,33 +15,19 @@ import httpx
 import numpy as np
 import pytest
 
-from loadtest.bench_engines import save_random_qwen2
 from model_store.engines import TorchEngine
 from model_store.generation import beam_search
 from service.remote_engine import EngineError, RemoteEngine
+from tests import test_engines
 from tests.servers import VLLMServer, free_port
-from tests.test_engines import HIDDEN, LAYOUT, VOCAB, _prompts, _trie, _walk
+from tests.test_engines import LAYOUT, VOCAB, _prompts, _trie, _walk
 
 SERVED_NAME = "genrec-llm"
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The same tiny model as test_engines.py's `model_dir`."""
-    return save_random_qwen2(
-        tmp_path_factory.mktemp("tiny-qwen2-remote") / "llm",
-        vocab_size=VOCAB,
-        hidden=HIDDEN,
-        heads=4,
-        layers=2,
-        intermediate=256,
-        seed=0,
-    )
-
-
-@pytest.fixture(scope="module")
-def torch_engine(model_dir: Path) -> TorchEngine:
-    return TorchEngine.from_dir(model_dir)
+# The engine tests' tiny model and its exact reference engine (session fixtures, built once).
+model_dir = test_engines.model_dir
+torch_engine = test_engines.torch_engine
 
 
 @pytest.fixture(scope="module")

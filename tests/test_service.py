@@ -19,10 +19,9 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from model_store.bundle import Bundle, load_bundle
+from model_store.bundle import Bundle
 from service.client import next_episode
-from service.store import publish_bundle, sync_client
-from tests.servers import RedisServer, ServiceProcess, VLLMServer
+from tests.servers import RedisServer, ServiceProcess, VLLMServer, published_service
 
 pytestmark = pytest.mark.slow
 
@@ -42,20 +41,9 @@ class Live:
 
 @pytest.fixture(scope="module")
 def live(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
-    bundle = load_bundle(tiny_bundle)
-    redis = RedisServer(tmp_path_factory.mktemp("redis"))
-    redis.start()
-    publish_bundle(sync_client(redis.url), bundle)
-    log = tmp_path_factory.mktemp("service") / "service.log"
-    service = ServiceProcess(
-        tiny_bundle, {"REDIS_URL": redis.url, "GENREC_REDIS_COOLDOWN_S": "0.5"}, log
-    )
-    try:
-        service.wait_ready()
+    env = {"GENREC_REDIS_COOLDOWN_S": "0.5"}
+    with published_service(tiny_bundle, tmp_path_factory, env) as (bundle, redis, service):
         yield Live(bundle, redis, service)
-    finally:
-        service.stop()
-        redis.stop()
 
 
 def _user(bundle: Bundle, index: int = 3) -> tuple[str, set[str]]:

@@ -15,10 +15,9 @@ import httpx
 import numpy as np
 import pytest
 
-from model_store.bundle import Bundle, load_bundle
-from service.store import publish_bundle, sync_client
+from model_store.bundle import Bundle
 from service.ui import pca_2d
-from tests.servers import RedisServer, ServiceProcess
+from tests.servers import ServiceProcess, published_service
 
 pytestmark = pytest.mark.slow
 
@@ -43,18 +42,8 @@ class Gateway:
 
 @pytest.fixture(scope="module")
 def gateway(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    bundle = load_bundle(tiny_bundle)
-    redis = RedisServer(tmp_path_factory.mktemp("redis"))
-    redis.start()
-    publish_bundle(sync_client(redis.url), bundle)
-    log = tmp_path_factory.mktemp("service") / "service.log"
-    service = ServiceProcess(tiny_bundle, {"REDIS_URL": redis.url}, log)
-    try:
-        service.wait_ready()
+    with published_service(tiny_bundle, tmp_path_factory) as (bundle, _, service):
         yield Gateway(bundle, service)
-    finally:
-        service.stop()
-        redis.stop()
 
 
 # ------------------------------------------------------------------ JSON endpoints

@@ -27,7 +27,7 @@ import json
 import os
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -115,6 +115,35 @@ def write_json(path: Path | None, result: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2, default=float))
     print(f"wrote {path}")
+
+
+def bench_parser(doc: str | None, *, engine: bool = True) -> argparse.ArgumentParser:
+    """The options every benchmark has; `engine`: it also runs vLLM over a bundle."""
+    parser = argparse.ArgumentParser(description=(doc or "").split("\n\n")[0])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
+    if engine:
+        parser.add_argument("--bundle", type=Path, default=Path("bundles/ml-100k"))
+        parser.add_argument("--kv-cache-gib", type=float, default=0.5)
+    return parser
+
+
+def add_exclude_seen(parser: argparse.ArgumentParser, help: str) -> None:
+    parser.add_argument(
+        "--exclude-seen", action=argparse.BooleanOptionalAction, default=True, help=help
+    )
+
+
+def run_bench(
+    parser: argparse.ArgumentParser,
+    run: Callable[[argparse.Namespace], dict[str, Any]],
+    report: Callable[[dict[str, Any]], None],
+) -> None:
+    """Parse, run, print the figures, and write them as JSON when `--out` is given."""
+    args = parser.parse_args()
+    result = run(args)
+    report(result)
+    write_json(args.out, result)
 
 
 @dataclass
@@ -337,24 +366,14 @@ def report(r: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--bundle", type=Path, default=Path("bundles/ml-100k"))
+    parser = bench_parser(__doc__)
     parser.add_argument("--users", type=int, default=300, help="users timed (<= 0: all)")
     parser.add_argument("--warmup", type=int, default=10, help="other users, searched untimed")
     parser.add_argument("--beam", type=int, default=20)
-    parser.add_argument("--kv-cache-gib", type=float, default=0.5)
-    parser.add_argument(
-        "--exclude-seen",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="cut the user's history from the trie, as the gateway does (ours only)",
+    add_exclude_seen(
+        parser, "cut the user's history from the trie, as the gateway does (ours only)"
     )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
-    args = parser.parse_args()
-    result = run(args)
-    report(result)
-    write_json(args.out, result)
+    run_bench(parser, run, report)
 
 
 if __name__ == "__main__":

@@ -27,19 +27,19 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from loadtest.bench_beam_vs_vllm import (
+    bench_parser,
     load_cases,
     machine_info,
     machine_line,
     open_vllm,
     percentiles,
+    run_bench,
     vllm_environment,
-    write_json,
 )
 
 
@@ -420,26 +420,19 @@ def report(r: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--bundle", type=Path, default=Path("bundles/ml-100k"))
+    parser = bench_parser(__doc__)
     parser.add_argument("--searches", type=int, default=50, help="users searched and timed")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--beam", type=int, default=20)
     parser.add_argument("--block-size", type=int, default=32, help="vLLM KV block (assumed)")
     parser.add_argument("--peak-size", type=int, default=2048, help="square matmul for the peak")
-    parser.add_argument("--kv-cache-gib", type=float, default=0.5)
     parser.add_argument(
         "--vllm-counters",
         action=argparse.BooleanOptionalAction,
         default=True,
         help="enable vLLM's stats to check the token count (small overhead per request)",
     )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
-    args = parser.parse_args()
-    result = run(args)
-    report(result)
-    write_json(args.out, result)
+    run_bench(parser, run, report)
 
 
 if __name__ == "__main__":

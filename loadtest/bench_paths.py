@@ -21,19 +21,20 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from loadtest.bench_beam_vs_vllm import (
+    add_exclude_seen,
+    bench_parser,
     load_cases,
     machine_info,
     machine_line,
     open_vllm,
     percentiles,
+    run_bench,
     vllm_environment,
-    write_json,
 )
 
 
@@ -194,27 +195,15 @@ def report(r: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--bundle", type=Path, default=Path("bundles/ml-100k"))
+    parser = bench_parser(__doc__)
     parser.add_argument(
         "--users", type=int, default=0, help="users timed (<= 0: every user with a held-out item)"
     )
     parser.add_argument("--warmup", type=int, default=10, help="other users, run untimed")
     parser.add_argument("--beam", type=int, default=20, help="beam width = ANN candidates")
     parser.add_argument("--k", type=int, default=10, help="list length and HR/NDCG cut-off")
-    parser.add_argument("--kv-cache-gib", type=float, default=0.5)
-    parser.add_argument(
-        "--exclude-seen",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="cut the user's history from the trie, as the gateway does",
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
-    args = parser.parse_args()
-    result = run(args)
-    report(result)
-    write_json(args.out, result)
+    add_exclude_seen(parser, "cut the user's history from the trie, as the gateway does")
+    run_bench(parser, run, report)
 
 
 if __name__ == "__main__":

@@ -37,7 +37,13 @@ from typing import Any
 
 import numpy as np
 
-from loadtest.bench_beam_vs_vllm import machine_info, machine_line, percentiles, write_json
+from loadtest.bench_beam_vs_vllm import (
+    bench_parser,
+    machine_info,
+    machine_line,
+    percentiles,
+    run_bench,
+)
 
 PUBLISH_TARGET = 300_000.0  # users/s
 FETCH_P99_TARGET_MS = 0.3
@@ -393,7 +399,7 @@ def report(r: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser = bench_parser(__doc__, engine=False)
     parser.add_argument("--users", type=int, default=1_000_000)
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--history", type=int, default=50, help="items per user")
@@ -405,12 +411,7 @@ def main() -> None:
     parser.add_argument("--transports", nargs="+", choices=("unix", "tcp"), default=["unix", "tcp"])
     parser.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto")
     parser.add_argument("--profile", action="store_true", help="cProfile one publish (unix)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=None, help="write the figures as JSON")
-    args = parser.parse_args()
-    result = run(args)
-    report(result)
-    write_json(args.out, result)
+    run_bench(parser, run, report)
 
 
 if __name__ == "__main__":

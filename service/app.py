@@ -32,7 +32,7 @@ from service.schemas import (
     RecommendationResponse,
 )
 from service.settings import Settings
-from service.store import EmbeddedRedis, UserStore
+from service.store import EmbeddedRedis, UserStore, redis_url_or_embedded
 from service.taste import TasteEdits, TasteProfile
 
 log = structlog.get_logger(__name__)
@@ -66,9 +66,7 @@ async def start(runtime: Runtime) -> None:
 
     s = runtime.settings
     runtime.bundle = load_bundle(s.bundle)
-    if s.redis_url is None:
-        runtime.embedded = EmbeddedRedis(s.redis_db)
-    url = s.redis_url or runtime.embedded.url  # type: ignore[union-attr]
+    url, runtime.embedded = redis_url_or_embedded(s.redis_url, s.redis_db)
     runtime.store = UserStore(url, s.redis_timeout_ms / 1000.0, s.redis_cooldown_s)
     runtime.engine = open_serving_engine(s, runtime.bundle)
     runtime.pipeline = Pipeline(runtime.bundle, runtime.engine, runtime.store, s)

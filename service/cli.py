@@ -13,7 +13,7 @@ import typer
 from model_store.cli import Preset as Preset
 from model_store.cli import _fail, app, load_named_dataset, set_threads
 from service.settings import Settings
-from service.store import EmbeddedRedis
+from service.store import redis_url_or_embedded
 
 DEFAULT_BUNDLE = Path("bundles/ml-100k")
 
@@ -22,14 +22,6 @@ def _settings(**overrides: Any) -> Settings:
     """Settings from the environment, with the command line's non-empty options on top."""
     given: dict[str, Any] = {k: v for k, v in overrides.items() if v is not None}
     return Settings(**given)
-
-
-def _redis_url(redis_url: str | None, db_file: Path) -> tuple[str, EmbeddedRedis | None]:
-    """`redis_url`, else an embedded server on `db_file` (returned so it stays alive)."""
-    if redis_url:
-        return redis_url, None
-    embedded = EmbeddedRedis(db_file)
-    return embedded.url, embedded
 
 
 @app.command("publish-embeddings")
@@ -52,7 +44,7 @@ def publish_embeddings(
         bundle = load_bundle(bundle_dir)
     except BundleError as e:
         raise _fail(str(e)) from e
-    url, embedded = _redis_url(redis_url, redis_db)
+    url, embedded = redis_url_or_embedded(redis_url, redis_db)
     report = publish_bundle(sync_client(url), bundle, history_len)
     typer.echo(
         f"published {report.users} users as {report.version} in {report.seconds:.3f} s "
@@ -176,7 +168,7 @@ def demo(
         )
     from model_store.bundle import load_bundle
 
-    url, embedded = _redis_url(settings.redis_url, settings.redis_db)
+    url, embedded = redis_url_or_embedded(settings.redis_url, settings.redis_db)
     report = publish_bundle(sync_client(url), load_bundle(bundle), settings.history_len)
     typer.echo(f"published {report.users} user embeddings ({report.users_per_s:,.0f} users/s)")
     users = set(load_bundle(bundle).users["user_id"].astype(str))

@@ -120,6 +120,14 @@ class EmbeddedRedis:
         self._server._cleanup()
 
 
+def redis_url_or_embedded(url: str | None, db_file: Path) -> tuple[str, EmbeddedRedis | None]:
+    """`url`, else an embedded server on `db_file` (returned so the caller keeps it alive)."""
+    if url:
+        return url, None
+    embedded = EmbeddedRedis(db_file)
+    return embedded.url, embedded
+
+
 def sync_client(url: str, timeout_s: float = 5.0) -> redis.Redis:
     return redis.Redis.from_url(
         url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 0)

@@ -113,18 +113,19 @@ class Recommender:
         soft = None
         if mode.soft and user is not None and np.any(user):
             soft = self.projector.project(user)
-        head = prompt_ids(
+        recent = list(history)[-mode.history :] if mode.history else []
+        ids = prompt_ids(
             self.vocab,
             self.item_sid_ids,
-            [],
+            recent,
             n_soft=0 if soft is None else len(soft),
             context=context if mode.context else None,
             ask=ask,
             less=less,
         )
-        n = aligned_history(len(head), min(mode.history, len(history)), self.sid_len, self.align)
-        recent = list(history)[len(history) - n :] if n else []
-        ids = head + self.item_sid_ids[np.asarray(recent, dtype=np.int64)].reshape(-1).tolist()
+        head = len(ids) - len(recent) * self.sid_len  # the history is written last
+        dropped = len(recent) - aligned_history(head, len(recent), self.sid_len, self.align)
+        ids = ids[:head] + ids[head + dropped * self.sid_len :]  # without the oldest items
         return Prompt(tuple(ids), soft, self.vocab.id(USER))
 
     def generate(

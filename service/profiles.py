@@ -7,6 +7,8 @@ whatever is stored, atomically (compare-and-set, retried on a concurrent write).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from service.pipeline import Pipeline
 from service.store import StoreUnavailable
 from service.taste import TasteEdits, TasteProfile, build_profile
@@ -47,6 +49,17 @@ class Profiles:
 
     async def patch(self, user_id: str, patch: TasteEdits, if_match: int | None) -> int:
         """Merges `patch` into the stored edits; the new revision."""
+        return await self._update(user_id, if_match, lambda current: current.apply(patch))
+
+    async def reset(self, user_id: str, if_match: int | None) -> int:
+        """Clears every edit (a new revision, so readers of the old one see the change)."""
+        return await self._update(user_id, if_match, lambda _: TasteEdits())
+
+    async def _update(
+        self, user_id: str, if_match: int | None, change: Callable[[TasteEdits], TasteEdits]
+    ) -> int:
+        """Read, change, compare-and-set; with `if_match`, only from that revision, else
+        retried a few times over concurrent writes. The new revision."""
         store = self.pipeline.store
         if store is None:
             raise ProfileUnavailable("no Redis configured")
@@ -56,8 +69,8 @@ class Profiles:
                 if if_match is not None and if_match != revision:
                     raise StaleRevision(if_match, revision)
                 current = TasteEdits.model_validate_json(raw) if raw else TasteEdits()
-                merged = current.apply(patch).model_dump_json()
-                written, new_revision = await store.set_edits(user_id, revision, merged)
+                edits = change(current).model_dump_json()
+                written, new_revision = await store.set_edits(user_id, revision, edits)
                 if written:
                     return new_revision
                 if if_match is not None:
@@ -65,21 +78,3 @@ class Profiles:
         except StoreUnavailable as e:
             raise ProfileUnavailable(str(e)) from e
         raise ProfileUnavailable("the profile kept changing; try again")
-
-    async def reset(self, user_id: str, if_match: int | None) -> int:
-        """Clears every edit (a new revision, so readers of the old one see the change)."""
-        store = self.pipeline.store
-        if store is None:
-            raise ProfileUnavailable("no Redis configured")
-        try:
-            revision, _ = await store.get_edits(user_id)
-            if if_match is not None and if_match != revision:
-                raise StaleRevision(if_match, revision)
-            written, new_revision = await store.set_edits(
-                user_id, revision, TasteEdits().model_dump_json()
-            )
-        except StoreUnavailable as e:
-            raise ProfileUnavailable(str(e)) from e
-        if not written:
-            raise StaleRevision(revision, new_revision)
-        return new_revision

@@ -18,14 +18,14 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Collection, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import structlog
 
 from model_store.bundle import Bundle
-from model_store.generation import Beam, Engine, Prompt, SearchStats
+from model_store.generation import Beam, Engine
 from model_store.prompts import MODES, context_words
 from model_store.recommend import Recommender, Scored
 from model_store.vocab import words_of
@@ -120,18 +120,8 @@ class Pipeline:
             vectors=bundle.item_vectors,
         )
         self.rules = rules.resolve(settings.rules)
-        self.worker = EngineWorker(engine, self._search, settings.max_batch)
+        self.worker = EngineWorker(engine, self.recommender.generate, settings.max_batch)
         metrics.BUNDLE.info({"version": bundle.version, "dataset": str(bundle.manifest["dataset"])})
-
-    def _search(
-        self,
-        engine: Engine,
-        prompts: Sequence[Prompt],
-        width: int,
-        stats: SearchStats,
-        exclude: Sequence[Collection[int]],
-    ) -> list[list[Beam]]:
-        return self.recommender.generate(engine, prompts, width, stats, exclude)
 
     def close(self) -> None:
         self.worker.close()

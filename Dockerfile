@@ -75,7 +75,7 @@ RUN pip install --extra-index-url "${TORCH_INDEX_URL}" '.[cpu]' \
 FROM build-base AS build-gpu
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 RUN pip install --extra-index-url "${TORCH_INDEX_URL}" 'torch==2.13.0+cpu' . \
-    && python -c "import service.proto.next_episode_pb2_grpc, service.remote_engine"
+    && python -c "import service.proto.next_episode_pb2_grpc, model_store.engines.remote"
 
 # ---------------------------------------------------------------- gpu: remote-engine gateway
 FROM runtime-base AS gpu

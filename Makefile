@@ -39,6 +39,7 @@ eval: install
 lint: install
 	$(VENV)/bin/ruff check model_store service loadtest tests
 	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 test: lint
 	$(PY) -m pytest -q

@@ -36,7 +36,7 @@ import numpy as np
 
 if TYPE_CHECKING:
     from model_store.bundle import Bundle
-    from model_store.engines import VLLMEngine
+    from model_store.engines.vllm_engine import VLLMEngine
     from model_store.generation import Prompt
     from model_store.recommend import Recommender
 
@@ -191,7 +191,7 @@ def vllm_environment() -> None:
 def open_vllm(bundle: Bundle, kv_cache_gib: float, **kwargs: Any) -> VLLMEngine:
     """The in-process engine the gateway uses."""
     vllm_environment()
-    from model_store.engines import VLLMEngine
+    from model_store.engines.vllm_engine import VLLMEngine
 
     return VLLMEngine(bundle.llm_dir, kv_cache_gib=kv_cache_gib, **kwargs)
 

@@ -100,9 +100,12 @@ def _measure(args: argparse.Namespace) -> dict[str, float]:
     """Figures for one engine, measured in this process only."""
     import torch
 
-    from model_store.engines import TorchEngine, VLLMEngine, load_input_embeddings
-    from model_store.generation import Prompt, TokenLayout, beam_search
+    from model_store.engines.base import load_input_embeddings
+    from model_store.engines.torch_engine import TorchEngine
+    from model_store.engines.vllm_engine import VLLMEngine
+    from model_store.generation import Prompt, beam_search
     from model_store.trie import SIDTrie
+    from model_store.vocab import TokenLayout
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -5,11 +5,11 @@ listening on a unix socket and on a loopback TCP port at once, persistence off
 (`--save ''`, no AOF), and measures:
 
 (a) publish of N synthetic users (64-dim float16 embeddings, 50-item int32 histories) with
-    `service.store.publish` (pipelined multi-key MSETs) against a baseline: a plain redis-py
-    pipeline of one SET per key, executed every `--batch` users. Users/s of each and the
-    ratio publish / baseline, on each transport; Redis is flushed before every run, and the
-    order of the two alternates between repeats.
-(b) embedding fetch latency of `service.store.UserStore.fetch`: the gateway's async,
+    `model_store.userstate.publish.publish` (pipelined multi-key MSETs) against a baseline:
+    a plain redis-py pipeline of one SET per key, executed every `--batch` users. Users/s of
+    each and the ratio publish / baseline, on each transport; Redis is flushed before every
+    run, and the order of the two alternates between repeats.
+(b) embedding fetch latency of `service.userstore.UserStore.fetch`: the gateway's async,
     one-round-trip Lua fetch, decoding included, sequential, the unix-socket and TCP clients
     interleaved request by request, on the event loop the gateway runs under (uvloop when
     installed, as uvicorn picks it). A bare PING per transport gives the round-trip floor.
@@ -129,7 +129,7 @@ def baseline_publish(
 ) -> None:
     """The plain way: one SET per key in a non-transactional pipeline, flushed every
     `batch` users; same keys, same encoding as `publish`, then the same version flip."""
-    from service.store import CURRENT, VERSIONS, emb_key, encode_history, hist_key
+    from model_store.userstate.keys import CURRENT, VERSIONS, emb_key, encode_history, hist_key
 
     half = np.asarray(embeddings, dtype="<f2")
     pipe = client.pipeline(transaction=False)
@@ -148,7 +148,8 @@ def measure_publish(
     data: tuple[list[str], np.ndarray, list[np.ndarray]],
     args: argparse.Namespace,
 ) -> dict[str, Any]:
-    from service.store import publish, sync_client
+    from model_store.userstate.connect import sync_client
+    from model_store.userstate.publish import publish
 
     user_ids, embeddings, histories = data
     runs: dict[str, dict[str, list[float]]] = {
@@ -200,7 +201,8 @@ def profile_publish(
     url: str, data: tuple[list[str], np.ndarray, list[np.ndarray]], args: argparse.Namespace
 ) -> str:
     """cProfile of one `publish`: the top functions by own time, as text."""
-    from service.store import publish, sync_client
+    from model_store.userstate.connect import sync_client
+    from model_store.userstate.publish import publish
 
     user_ids, embeddings, histories = data
     client = sync_client(url, timeout_s=120.0)
@@ -225,7 +227,7 @@ async def measure_fetch(
     data: tuple[list[str], np.ndarray, list[np.ndarray]],
     args: argparse.Namespace,
 ) -> dict[str, Any]:
-    from service.store import UserStore
+    from service.userstore import UserStore
 
     user_ids, embeddings, histories = data
     stores = {t: UserStore(urls[t], timeout_s=1.0, cooldown_s=0.0) for t in args.transports}
@@ -308,7 +310,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             published = measure_publish(urls, data, args)
             profile = profile_publish(urls["unix"], data, args) if args.profile else None
             # Fetch from a freshly published version (untimed here; measured above).
-            from service.store import publish, sync_client
+            from model_store.userstate.connect import sync_client
+            from model_store.userstate.publish import publish
 
             client = sync_client(urls["unix"], timeout_s=120.0)
             client.flushall()

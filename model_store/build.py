@@ -24,6 +24,7 @@ from model_store import content, data, llm, semantic_ids, user_model
 from model_store.bundle import Bundle, Histories, write_manifest
 from model_store.config import BuildConfig
 from model_store.data import Dataset
+from model_store.projector import Projector, save_projector
 from model_store.prompts import MODES, context_words
 from model_store.recommend import Recommender
 from model_store.reranker import candidate_features, save_reranker, train_reranker
@@ -112,7 +113,7 @@ def _train_reranker_stage(
     show_progress: bool,
 ) -> dict[str, Any]:
     """Candidates for histories ending before the validation item; labels = that item."""
-    from model_store.engines import TorchEngine
+    from model_store.engines.torch_engine import TorchEngine
 
     rec = Recommender(Bundle(out, verified=False), with_reranker=False)
     engine = TorchEngine.from_dir(rec.bundle.llm_dir)
@@ -189,7 +190,7 @@ def build(
         else:
             model = llm.new_model(vocab, cfg.llm)
         hidden = int(model.config.hidden_size)
-        projector = llm.Projector(cfg.user_model.dim, hidden, cfg.llm.n_soft)
+        projector = Projector(cfg.user_model.dim, hidden, cfg.llm.n_soft)
         training = llm.TrainingData(
             train=plan.fit,
             states=_states_per_position(umodel, plan.fit),
@@ -199,7 +200,7 @@ def build(
         )
         losses = llm.train_llm(model, projector, vocab, training, cfg.llm, show_progress)
         llm.save_llm(model, vocab, out / "llm", tokenizer)
-        llm.save_projector(projector, out)
+        save_projector(projector, out)
 
     with timer.stage("write_artifacts"):
         popularity = np.bincount(np.concatenate(plan.published), minlength=ds.n_items)
@@ -240,7 +241,7 @@ def build(
     write_manifest(out, meta)
     if run_eval and plan.holdout is not None:
         with timer.stage("evaluation"):
-            from model_store.engines import TorchEngine
+            from model_store.engines.torch_engine import TorchEngine
             from model_store.evaluate import evaluate, write_report
 
             bundle = Bundle(out)

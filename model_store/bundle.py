@@ -12,10 +12,18 @@ import json
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
+
+if TYPE_CHECKING:
+    import lightgbm as lgb
+
+    from model_store.projector import Projector
+    from model_store.trie import SIDTrie
+    from model_store.user_model import UserModel
+    from model_store.vocab import Vocab
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -150,13 +158,13 @@ class Bundle:
         return np.load(self.dir / "sid_codes.npy")
 
     @cached_property
-    def trie(self) -> Any:
+    def trie(self) -> SIDTrie:
         from model_store.trie import SIDTrie
 
         return SIDTrie.load(self.dir / "sid_trie.npz")
 
     @cached_property
-    def vocab(self) -> Any:
+    def vocab(self) -> Vocab:
         from model_store.vocab import Vocab
 
         return Vocab.load(self.dir / "llm")
@@ -197,19 +205,19 @@ class Bundle:
         return np.load(path) if path.exists() else None
 
     @cached_property
-    def projector(self) -> Any:
-        from model_store.llm import load_projector
+    def projector(self) -> Projector:
+        from model_store.projector import load_projector
 
         return load_projector(self.dir)
 
     @cached_property
-    def user_model(self) -> Any:
+    def user_model(self) -> UserModel:
         from model_store.user_model import load_user_model
 
         return load_user_model(self.dir)
 
     @cached_property
-    def reranker(self) -> Any:
+    def reranker(self) -> lgb.Booster:
         from model_store.reranker import load_reranker
 
         return load_reranker(self.dir / "reranker.txt")

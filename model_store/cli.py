@@ -1,4 +1,5 @@
-"""The `genrec` command line."""
+"""The offline commands of `genrec`: data, build, eval (composed with the serving ones in
+`service.cli`)."""
 
 from __future__ import annotations
 
@@ -34,7 +35,7 @@ class EngineKind(StrEnum):
     vllm = "vllm"
 
 
-def _fail(message: str) -> typer.Exit:
+def fail(message: str) -> typer.Exit:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     return typer.Exit(code=2)
 
@@ -66,11 +67,11 @@ def fetch(dataset: Annotated[str, typer.Argument(help="Only 'ml-100k' is fetched
     from model_store import data
 
     if dataset != "ml-100k":
-        raise _fail(f"unknown dataset {dataset!r}; only 'ml-100k' can be fetched")
+        raise fail(f"unknown dataset {dataset!r}; only 'ml-100k' can be fetched")
     try:
         directory = data.fetch_ml100k()
     except data.DataError as e:
-        raise _fail(str(e)) from e
+        raise fail(str(e)) from e
     typer.echo(str(directory))
 
 
@@ -122,7 +123,7 @@ def build(
     try:
         ds = load_named_dataset(dataset)
     except data.DataError as e:
-        raise _fail(str(e)) from e
+        raise fail(str(e)) from e
     start = time.perf_counter()
     manifest = run_build(
         ds,
@@ -162,7 +163,7 @@ def eval_command(
     try:
         bundle = load_bundle(bundle_dir)
     except BundleError as e:
-        raise _fail(str(e)) from e
+        raise fail(str(e)) from e
     start = time.perf_counter()
     with open_engine(engine.value, bundle.llm_dir) as eng:
         results = evaluate(bundle, eng, beam_width=beam_width, max_users=max_users)

@@ -17,11 +17,13 @@ from __future__ import annotations
 import time
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from types import TracebackType
+from typing import Protocol, Self
 
 import numpy as np
 
 from model_store.trie import SIDTrie
+from model_store.vocab import TokenLayout
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,30 @@ class Session(Protocol):
 
 
 class Engine(Protocol):
-    def open(self, prompts: Sequence[Prompt]) -> Session: ...
+    """The one engine interface (implementations in `model_store.engines`)."""
+
+    def open(self, prompts: Sequence[Prompt]) -> Session:
+        """A search session over `prompts`: one live row per prompt to start with."""
+        ...
+
+    def warm(self) -> None:
+        """Makes the first real search fast (the first generation compiles kernels)."""
+        ...
+
+    def ready(self) -> bool:
+        """Whether it answers now (a remote server's health check; in-process: not closed)."""
+        ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Self: ...
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
 
 
 @dataclass
@@ -69,19 +94,6 @@ class SearchStats:
     engine_calls: int = 0
     rows_scored: list[int] = field(default_factory=list)  # one entry per engine call
     level_seconds: list[float] = field(default_factory=list)  # one entry per SID level
-
-
-@dataclass(frozen=True)
-class TokenLayout:
-    """Where the (level, code) tokens of the Semantic IDs sit in the LLM vocabulary."""
-
-    level_offsets: tuple[int, ...]
-
-    def token(self, level: int, code: np.ndarray | int) -> np.ndarray:
-        return np.asarray(code, dtype=np.int64) + self.level_offsets[level]
-
-    def code(self, level: int, token: np.ndarray | int) -> np.ndarray:
-        return np.asarray(token, dtype=np.int64) - self.level_offsets[level]
 
 
 def beam_search(
@@ -140,6 +152,25 @@ def beam_search(
         results[o].append(
             Beam(item=trie.item_of(int(n)), sid=tuple(int(c) for c in p), logprob=float(s))
         )
+    return results
+
+
+def search_in_chunks(
+    engine: Engine,
+    prompts: Sequence[Prompt],
+    trie: SIDTrie,
+    layout: TokenLayout,
+    beam_width: int,
+    chunk: int = 256,
+    stats: SearchStats | None = None,
+) -> list[list[Beam]]:
+    """`beam_search` over `chunk` prompts at a time: bounds the KV cache (chunk × beam rows)."""
+    if chunk < 1:
+        raise ValueError("chunk must be at least 1")
+    results: list[list[Beam]] = []
+    for start in range(0, len(prompts), chunk):
+        part = prompts[start : start + chunk]
+        results.extend(beam_search(engine, part, trie, layout, beam_width, stats))
     return results
 
 

@@ -19,11 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
-from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
 
 from model_store.progress import progress_bar
+from model_store.projector import Projector
 from model_store.prompts import prompt_ids
 from model_store.vocab import BOS, EOS, PAD, USER, Vocab
 
@@ -47,25 +46,6 @@ class LLMConfig:
     p_less: float = 0.1  # also name a genre absent from the window's later items
     bf16: bool = False  # autocast the forward pass to bfloat16 (fp32 master weights)
     seed: int = 0
-
-
-class Projector(nn.Module):
-    """User embedding → n soft-token embeddings in the LLM's hidden size."""
-
-    def __init__(self, user_dim: int, hidden: int, n_soft: int) -> None:
-        super().__init__()
-        self.user_dim, self.hidden, self.n_soft = user_dim, hidden, n_soft
-        self.net = nn.Sequential(
-            nn.Linear(user_dim, 2 * hidden), nn.GELU(), nn.Linear(2 * hidden, hidden * n_soft)
-        )
-
-    def forward(self, user: torch.Tensor) -> torch.Tensor:
-        return self.net(user).reshape(*user.shape[:-1], self.n_soft, self.hidden)
-
-    def project(self, user: np.ndarray) -> np.ndarray:
-        """Numpy in, numpy out: (user_dim,) → (n_soft, hidden); used per request online."""
-        with torch.inference_mode():
-            return self(torch.from_numpy(np.asarray(user, dtype=np.float32))).numpy()
 
 
 def new_model(vocab: Vocab, cfg: LLMConfig) -> Qwen2ForCausalLM:
@@ -287,18 +267,3 @@ def load_llm(directory: Path) -> PreTrainedModel:
     model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=torch.float32)
     model.eval()
     return model
-
-
-def save_projector(projector: Projector, directory: Path) -> list[str]:
-    save_file(projector.state_dict(), str(directory / "projector.safetensors"))
-    meta = {"user_dim": projector.user_dim, "hidden": projector.hidden, "n_soft": projector.n_soft}
-    (directory / "projector.json").write_text(json.dumps(meta))
-    return ["projector.safetensors", "projector.json"]
-
-
-def load_projector(directory: Path) -> Projector:
-    meta = json.loads((directory / "projector.json").read_text())
-    projector = Projector(meta["user_dim"], meta["hidden"], meta["n_soft"])
-    projector.load_state_dict(load_file(str(directory / "projector.safetensors")))
-    projector.eval()
-    return projector

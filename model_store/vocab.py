@@ -16,7 +16,19 @@ from pathlib import Path
 
 import numpy as np
 
-from model_store.generation import TokenLayout
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Where the (level, code) tokens of the Semantic IDs sit in the LLM vocabulary."""
+
+    level_offsets: tuple[int, ...]
+
+    def token(self, level: int, code: np.ndarray | int) -> np.ndarray:
+        return np.asarray(code, dtype=np.int64) + self.level_offsets[level]
+
+    def code(self, level: int, token: np.ndarray | int) -> np.ndarray:
+        return np.asarray(token, dtype=np.int64) - self.level_offsets[level]
+
 
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
 USER, CTX, ASK, HIST = "<user>", "<ctx>", "<ask>", "<hist>"

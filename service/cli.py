@@ -1,4 +1,5 @@
-"""The `genrec` command line: the model-store commands plus serving ones."""
+"""The `genrec` command line: the model store's offline commands and the serving ones,
+composed into one app."""
 
 from __future__ import annotations
 
@@ -10,12 +11,14 @@ from typing import Annotated, Any
 
 import typer
 
-from model_store.cli import Preset as Preset
-from model_store.cli import _fail, app, load_named_dataset, set_threads
+from model_store import cli as offline
+from model_store.cli import Preset, fail, load_named_dataset, set_threads
+from model_store.userstate.connect import redis_url_or_embedded
 from service.settings import Settings
-from service.store import redis_url_or_embedded
 
 DEFAULT_BUNDLE = Path("bundles/ml-100k")
+
+online = typer.Typer()
 
 
 def _settings(**overrides: Any) -> Settings:
@@ -24,7 +27,7 @@ def _settings(**overrides: Any) -> Settings:
     return Settings(**given)
 
 
-@app.command("publish-embeddings")
+@online.command("publish-embeddings")
 def publish_embeddings(
     bundle_dir: Annotated[Path, typer.Argument(help="Bundle directory.")] = DEFAULT_BUNDLE,
     redis_url: Annotated[
@@ -38,12 +41,13 @@ def publish_embeddings(
     """Write every user's embedding and recent history to Redis under a new version, then
     make it current (the daily batch job)."""
     from model_store.bundle import BundleError, load_bundle
-    from service.store import publish_bundle, sync_client
+    from model_store.userstate.connect import sync_client
+    from model_store.userstate.publish import publish_bundle
 
     try:
         bundle = load_bundle(bundle_dir)
     except BundleError as e:
-        raise _fail(str(e)) from e
+        raise fail(str(e)) from e
     url, embedded = redis_url_or_embedded(redis_url, redis_db)
     report = publish_bundle(sync_client(url), bundle, history_len)
     typer.echo(
@@ -57,7 +61,7 @@ def publish_embeddings(
 def _serve(settings: Settings, announce: str | None = None) -> None:
     import uvicorn
 
-    from service.app import create_app
+    from service.api.app import create_app
 
     # The engine core in the gateway's process: the simplest shape, and ~3x faster to start.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -70,7 +74,7 @@ def _serve(settings: Settings, announce: str | None = None) -> None:
     )
 
 
-@app.command()
+@online.command()
 def serve(
     bundle: Annotated[Path | None, typer.Option(help="Bundle directory [GENREC_BUNDLE].")] = None,
     host: Annotated[str | None, typer.Option(help="Bind address [GENREC_HOST].")] = None,
@@ -94,11 +98,11 @@ def serve(
             engine_url=engine_url,
         )
     except ValidationError as e:
-        raise _fail(str(e)) from e
+        raise fail(str(e)) from e
     _serve(settings)
 
 
-@app.command("engine-server")
+@online.command("engine-server")
 def engine_server(
     bundle_dir: Annotated[Path, typer.Argument(help="Bundle directory.")] = DEFAULT_BUNDLE,
     host: str = "127.0.0.1",
@@ -109,17 +113,17 @@ def engine_server(
     import sys
 
     from model_store.bundle import BundleError, load_bundle
-    from service.remote_engine import server_args
+    from model_store.engines.remote import server_args
 
     try:
         bundle = load_bundle(bundle_dir)
     except BundleError as e:
-        raise _fail(str(e)) from e
+        raise fail(str(e)) from e
     args = server_args(bundle.llm_dir, host, port, kv_cache_bytes=int(kv_cache_gib * 2**30))
     os.execv(sys.executable, [sys.executable, *args])
 
 
-@app.command("next-episode")
+@online.command("next-episode")
 def next_episode_command(
     user: Annotated[str, typer.Option(help="User id.")],
     current: Annotated[str, typer.Option(help="Item URI being played now.")] = "",
@@ -130,16 +134,16 @@ def next_episode_command(
     """Call the gRPC NextEpisode service and print its answer as JSON."""
     import grpc
 
-    from service.client import next_episode
+    from service.api.client import next_episode
 
     try:
         answer = next_episode(target, user, current, k, api_key=api_key)
         typer.echo(json.dumps(answer, indent=2))
     except grpc.RpcError as e:
-        raise _fail(f"{e.code().name}: {e.details()}") from e
+        raise fail(f"{e.code().name}: {e.details()}") from e
 
 
-@app.command()
+@online.command()
 def demo(
     bundle: Annotated[Path, typer.Option(help="Bundle directory.")] = DEFAULT_BUNDLE,
     preset: Annotated[
@@ -154,7 +158,8 @@ def demo(
     from model_store import data
     from model_store.build import build
     from model_store.config import PRESETS
-    from service.store import publish_bundle, sync_client
+    from model_store.userstate.connect import sync_client
+    from model_store.userstate.publish import publish_bundle
 
     settings = _settings(bundle=bundle, port=port, grpc_port=grpc_port)
     if not (bundle / "manifest.json").is_file():
@@ -187,6 +192,13 @@ def demo(
     finally:
         if embedded is not None:
             embedded.close()
+
+
+app = typer.Typer(
+    help="genrec: generative recommendations over Semantic IDs.", no_args_is_help=True
+)
+app.add_typer(offline.app)
+app.add_typer(online)
 
 
 def main() -> None:

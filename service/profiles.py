@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from service.pipeline import Pipeline
-from service.store import StoreUnavailable
+from model_store.catalog import Catalog
 from service.taste import TasteEdits, TasteProfile, build_profile
+from service.trace import Trace
+from service.users import UserReader
+from service.userstore import StoreUnavailable, UserStore
 
 MERGE_ATTEMPTS = 5
 
@@ -29,22 +31,19 @@ class ProfileUnavailable(Exception):
 
 
 class Profiles:
-    def __init__(self, pipeline: Pipeline) -> None:
-        self.pipeline = pipeline
+    def __init__(self, users: UserReader, store: UserStore | None, catalog: Catalog) -> None:
+        self.users = users
+        self.store = store
+        self.catalog = catalog
 
     async def get(self, user_id: str) -> TasteProfile:
         """The derived profile; `degraded` says so when Redis is down (edits unknown)."""
-        degraded: list[str] = []
-        facts = await self.pipeline.user_facts(user_id, None, None, {}, degraded)
+        trace = Trace()
+        facts = await self.users.read(user_id, trace)
         profile = build_profile(
-            user_id,
-            self.pipeline.catalog,
-            facts.history,
-            facts.embedding,
-            facts.edits,
-            facts.revision,
+            user_id, self.catalog, facts.history, facts.embedding, facts.edits, facts.revision
         )
-        profile.degraded = [d for d in degraded if d in ("redis_down", "stale_embedding")]
+        profile.degraded = [d for d in trace.degraded if d in ("redis_down", "stale_embedding")]
         return profile
 
     async def patch(self, user_id: str, patch: TasteEdits, if_match: int | None) -> int:
@@ -60,7 +59,7 @@ class Profiles:
     ) -> int:
         """Read, change, compare-and-set; with `if_match`, only from that revision, else
         retried a few times over concurrent writes. The new revision."""
-        store = self.pipeline.store
+        store = self.store
         if store is None:
             raise ProfileUnavailable("no Redis configured")
         try:

@@ -144,30 +144,55 @@ def diversity(cands: Sequence[Candidate], req: RuleInput, facts: ItemFacts) -> l
     return kept + demoted
 
 
-RULES: dict[str, Rule] = {
-    "no_repeats": no_repeats,
-    "exclude": exclude,
-    "availability": availability,
-    "age": age,
-    "taste": taste,
-    "diversity": diversity,
+@dataclass(frozen=True)
+class RuleSpec:
+    """A rule and, for filters, the items it would drop whatever the ranking: those are cut
+    from the search itself, so no beam is spent on an item the rule would drop."""
+
+    name: str
+    apply: Rule
+    cuts: Callable[[RuleInput], frozenset[int]] | None = None
+
+
+REGISTRY: dict[str, RuleSpec] = {
+    spec.name: spec
+    for spec in (
+        RuleSpec("no_repeats", no_repeats, cuts=lambda req: req.seen),
+        RuleSpec("exclude", exclude, cuts=lambda req: req.excluded),
+        RuleSpec("availability", availability),
+        RuleSpec("age", age),
+        RuleSpec("taste", taste, cuts=lambda req: req.taste.forget_items),
+        RuleSpec("diversity", diversity),
+    )
 }
+RULE_NAMES = tuple(REGISTRY)
+"""Every rule, in the order they run by default; `GENREC_RULES` may list a subset."""
 
 
-def resolve(names: Sequence[str]) -> list[Rule]:
-    unknown = [n for n in names if n not in RULES]
-    if unknown:
-        raise ValueError(f"unknown rules {unknown}; known: {sorted(RULES)}")
-    return [RULES[n] for n in names]
+class Rules:
+    """The configured rules, in order."""
 
+    def __init__(self, names: Sequence[str]) -> None:
+        unknown = [n for n in names if n not in REGISTRY]
+        if unknown:
+            raise ValueError(f"unknown rules {unknown}; known: {list(REGISTRY)}")
+        self.specs = [REGISTRY[n] for n in names]
 
-def apply(
-    rules: Sequence[Rule], cands: Sequence[Candidate], req: RuleInput, facts: ItemFacts
-) -> list[Candidate]:
-    out = list(cands)
-    for rule in rules:
-        out = rule(out, req, facts)
-    return out
+    def cut_from_search(self, req: RuleInput) -> frozenset[int]:
+        """Items no answer may hold, known before the search."""
+        cut: set[int] = set()
+        for spec in self.specs:
+            if spec.cuts is not None:
+                cut |= spec.cuts(req)
+        return frozenset(cut)
+
+    def apply(
+        self, cands: Sequence[Candidate], req: RuleInput, facts: ItemFacts
+    ) -> list[Candidate]:
+        out = list(cands)
+        for spec in self.specs:
+            out = spec.apply(out, req, facts)
+        return out
 
 
 def load_availability(

@@ -12,8 +12,7 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-RULES = ("no_repeats", "exclude", "availability", "age", "taste", "diversity")
-"""Business rules in the order they run; `GENREC_RULES` may list a subset."""
+from service.rules import RULE_NAMES
 
 
 class Settings(BaseSettings):
@@ -60,7 +59,7 @@ class Settings(BaseSettings):
         1000, ge=1, description="Items kept per user in Redis (the no-repeats rule reads them)."
     )
     rules: Annotated[list[str], NoDecode] = Field(
-        list(RULES), description="Business rules to apply, in order (comma-separated)."
+        list(RULE_NAMES), description="Business rules to apply, in order (comma-separated)."
     )
     playlist_beam_width: int = Field(
         50, ge=1, le=256, description="Beams per playlist request (more room to follow words)."
@@ -90,7 +89,7 @@ class Settings(BaseSettings):
     @field_validator("rules")
     @classmethod
     def _known_rules(cls, value: list[str]) -> list[str]:
-        unknown = [name for name in value if name not in RULES]
+        unknown = [name for name in value if name not in RULE_NAMES]
         if unknown:
-            raise ValueError(f"unknown rules {unknown}; known: {list(RULES)}")
+            raise ValueError(f"unknown rules {unknown}; known: {list(RULE_NAMES)}")
         return value

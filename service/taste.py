@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
-from functools import cached_property
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from model_store.catalog import Catalog
+from service.rules import Taste
 from service.schemas import ItemUri
 
 GENRE = r"^[a-z][a-z0-9'\- ]{0,31}$"
@@ -68,6 +68,43 @@ def _union(a: Sequence[str], b: Sequence[str]) -> list[str]:
     return list(dict.fromkeys([*a, *b]))
 
 
+def parse_edits(raw: str | None) -> TasteEdits | None:
+    """Stored edits (JSON); None when there are none, or they cannot be read."""
+    if not raw:
+        return TasteEdits()
+    try:
+        return TasteEdits.model_validate_json(raw)
+    except ValueError:
+        return None
+
+
+def resolve(edits: TasteEdits, catalog: Catalog) -> Taste:
+    """The edits as the rules read them: item indices, and genres the catalog knows."""
+    return Taste(
+        more_genres=catalog.known_genres(edits.more.genres),
+        more_creators=frozenset(edits.more.creators),
+        more_items=frozenset(catalog.indices(edits.more.items)),
+        less_genres=catalog.known_genres(edits.less.genres),
+        less_creators=frozenset(edits.less.creators),
+        less_items=frozenset(catalog.indices(edits.less.items)),
+        forget_genres=catalog.known_genres(edits.forget.genres),
+        forget_items=frozenset(catalog.indices(edits.forget.items)),
+    )
+
+
+def prompt_history(history: Sequence[int], edits: TasteEdits, catalog: Catalog) -> list[int]:
+    """What the prompt shows of a history: forgotten items and genres out, `more` items in
+    (after the history, as if most recent)."""
+    forgotten = set(catalog.indices(edits.forget.items))
+    forgotten_genres = set(edits.forget.genres)
+    shown = [
+        int(i) for i in history
+        if int(i) not in forgotten and not forgotten_genres & set(catalog.genres[int(i)])
+    ]  # fmt: skip
+    more = [i for i in catalog.indices(edits.more.items) if i not in shown]
+    return shown + more
+
+
 # ---------------------------------------------------------------------------- facets
 
 
@@ -101,30 +138,8 @@ class TasteProfile(BaseModel):
     degraded: list[str] = Field(default_factory=list, description="Why edits may be missing.")
 
 
-@dataclass
-class Catalog:
-    """The catalog columns a profile reads, indexed by item."""
-
-    uris: list[str]
-    titles: list[str]
-    kinds: list[str]
-    creators: list[str]
-    genres: list[tuple[str, ...]]
-    first_code: np.ndarray  # (n,) first Semantic-ID code
-    vectors: np.ndarray  # (n, d) user-model item vectors
-
-    @cached_property
-    def prefix_genre(self) -> dict[int, str]:
-        """Each first-level code named by the dominant genre of its catalog items."""
-        names: dict[int, str] = {}
-        for code in np.unique(self.first_code):
-            members = np.flatnonzero(self.first_code == code)
-            counts = Counter(g for i in members for g in self.genres[i])
-            names[int(code)] = counts.most_common(1)[0][0] if counts else "mixed"
-        return names
-
-    def item(self, i: int) -> ProfileItem:
-        return ProfileItem(uri=self.uris[i], title=self.titles[i])
+def _item(catalog: Catalog, i: int) -> ProfileItem:
+    return ProfileItem(uri=catalog.uris[i], title=catalog.titles[i])
 
 
 def _shares(counts: Counter[str], total: int, n: int) -> list[Share]:
@@ -165,12 +180,12 @@ def build_profile(
         top_genres=_shares(genre_counts, len(items), 5),
         top_kinds=_shares(kinds, len(items), 3),
         top_creators=_shares(creators, len(items), 5),
-        representative_items=[catalog.item(i) for i in representative],
+        representative_items=[_item(catalog, i) for i in representative],
         neighbourhoods=[
             Neighbourhood(prefix=str(code), genre=catalog.prefix_genre[code], share=share(n))
             for code, n in codes.most_common(5)
         ],
-        recent_items=[catalog.item(i) for i in items[-5:][::-1]],
+        recent_items=[_item(catalog, i) for i in items[-5:][::-1]],
         edits=edits,
     )
     profile.summary = summarise(profile, len(items))

@@ -16,7 +16,8 @@ import httpx
 import pytest
 
 from model_store.bundle import Bundle, load_bundle
-from service.store import publish_bundle, sync_client
+from model_store.userstate.connect import sync_client
+from model_store.userstate.publish import publish_bundle
 
 
 def free_port() -> int:
@@ -115,7 +116,7 @@ class VLLMServer:
     process group so that stopping it stops everything it started."""
 
     def __init__(self, model_dir: Path, directory: Path, served_name: str | None = None) -> None:
-        from service.remote_engine import server_args
+        from model_store.engines.remote import server_args
 
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"

@@ -13,7 +13,7 @@ from model_store.build import build
 from model_store.bundle import load_bundle
 from model_store.config import PRESETS
 from model_store.data import default_cache_dir, load_dataset
-from model_store.engines import TorchEngine
+from model_store.engines.torch_engine import TorchEngine
 from model_store.prompts import MODES
 from model_store.recommend import Recommender
 

@@ -14,7 +14,7 @@ from model_store.bundle import BundleError, load_bundle, verify
 from model_store.cli import app
 from model_store.config import PRESETS
 from model_store.data import load_dataset, sequences
-from model_store.engines import TorchEngine
+from model_store.engines.torch_engine import TorchEngine
 from model_store.evaluate import ROWS
 from model_store.prompts import MODES
 from model_store.recommend import Recommender

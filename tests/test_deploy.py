@@ -416,9 +416,9 @@ def test_gateway_deployment(rendered: dict[str, list[dict[str, Any]]]) -> None:
 
 
 def _server_args() -> Any:
-    """`service.remote_engine.server_args`, run from its source without importing the
+    """`model_store.engines.remote.server_args`, run from its source without importing the
     module (which imports torch: seconds on two cores)."""
-    source = (ROOT / "service" / "remote_engine.py").read_text()
+    source = (ROOT / "model_store" / "engines" / "remote.py").read_text()
     (node,) = [
         n
         for n in ast.parse(source).body
@@ -426,7 +426,7 @@ def _server_args() -> Any:
     ]
     module = ast.Module(body=[node], type_ignores=[])
     namespace: dict[str, Any] = {"Path": Path}
-    exec(compile(module, "service/remote_engine.py", "exec"), namespace)
+    exec(compile(module, "model_store/engines/remote.py", "exec"), namespace)
     return namespace["server_args"]
 
 

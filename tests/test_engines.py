@@ -16,15 +16,13 @@ import pytest
 import torch
 
 from loadtest.bench_engines import save_random_qwen2
-from model_store.engines import (
-    TorchEngine,
-    VLLMEngine,
-    open_engine,
-    prompt_embeddings,
-    search_in_chunks,
-)
-from model_store.generation import Prompt, SearchStats, TokenLayout, beam_search
+from model_store.engines import open_engine
+from model_store.engines.base import prompt_embeddings
+from model_store.engines.torch_engine import TorchEngine
+from model_store.engines.vllm_engine import VLLMEngine
+from model_store.generation import Prompt, SearchStats, beam_search, search_in_chunks
 from model_store.trie import SIDTrie
+from model_store.vocab import TokenLayout
 
 VOCAB = 300
 HIDDEN = 128

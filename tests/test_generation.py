@@ -10,8 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model_store.generation import Prompt, SearchStats, TokenLayout, beam_search
+from model_store.generation import Prompt, SearchStats, beam_search
 from model_store.trie import SIDTrie
+from model_store.vocab import TokenLayout
 
 # score(prompt index, tokens generated so far, candidate token) -> raw log-probability
 ScoreFn = Callable[[int, tuple[int, ...], int], float]

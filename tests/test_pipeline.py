@@ -12,12 +12,15 @@ import numpy as np
 import pytest
 
 from model_store.bundle import Bundle, load_bundle
-from model_store.engines import TorchEngine
+from model_store.catalog import UnknownItem
+from model_store.engines.torch_engine import TorchEngine
 from model_store.generation import Prompt, Session
-from service.pipeline import Pipeline, UnknownItem
+from model_store.userstate.connect import sync_client
+from model_store.userstate.publish import publish_bundle
+from service.recommendations import Recommendations
 from service.schemas import RecommendationRequest
 from service.settings import Settings
-from service.store import UserStore, publish_bundle, sync_client
+from service.userstore import UserStore
 from tests.servers import RedisServer
 
 pytestmark = pytest.mark.slow
@@ -59,7 +62,8 @@ class SlowEngine:
 def _run(bundle: Bundle, engine: object, redis_url: str, req: RecommendationRequest, **settings):
     async def go():
         store = UserStore(redis_url, timeout_s=0.05, cooldown_s=settings.pop("cooldown", 1.0))
-        pipeline = Pipeline(bundle, engine, store, Settings(bundle=bundle.dir, **settings))  # type: ignore[arg-type]
+        config = Settings(bundle=bundle.dir, **settings)
+        pipeline = Recommendations.create(bundle, engine, store, config)  # type: ignore[arg-type]
         try:
             return await pipeline.recommend(req)
         finally:
@@ -177,7 +181,7 @@ def test_embeddings_of_another_bundle_are_not_used(bundle, torch_engine, tmp_pat
     try:
         client = sync_client(server.url)
         user, _ = _user(bundle)
-        from service.store import publish
+        from model_store.userstate.publish import publish
 
         publish(client, "other-bundle", [user], np.ones((1, 64)), [np.array([0, 1])])
         resp = _run(bundle, torch_engine, server.url, RecommendationRequest(user_id=user))

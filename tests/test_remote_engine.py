@@ -15,9 +15,10 @@ import httpx
 import numpy as np
 import pytest
 
-from model_store.engines import TorchEngine
+from model_store.engines.base import EngineError
+from model_store.engines.remote import RemoteEngine
+from model_store.engines.torch_engine import TorchEngine
 from model_store.generation import beam_search
-from service.remote_engine import EngineError, RemoteEngine
 from tests import test_engines
 from tests.servers import VLLMServer, free_port
 from tests.test_engines import LAYOUT, VOCAB, _prompts, _trie, _walk
@@ -44,7 +45,7 @@ def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 @pytest.fixture(scope="module")
 def remote_engine(server: str, model_dir: Path) -> Iterator[RemoteEngine]:
     with RemoteEngine(server, model_dir, timeout_s=120.0, model_name=SERVED_NAME) as engine:
-        engine.warmup()  # the first batch compiles; keep that out of the tests below
+        engine.warm()  # the first batch compiles; keep that out of the tests below
         yield engine
 
 

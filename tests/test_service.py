@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from model_store.bundle import Bundle
-from service.client import next_episode
+from service.api.client import next_episode
 from tests.servers import RedisServer, ServiceProcess, VLLMServer, published_service
 
 pytestmark = pytest.mark.slow

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from service.settings import RULES, Settings
+from service.rules import RULE_NAMES as RULES
+from service.settings import Settings
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -40,7 +41,7 @@ def test_environment_overrides_and_validation(monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_api_key_parsing_and_public_paths() -> None:
-    from service.auth import authorized, needs_key, presented_key
+    from service.api.auth import authorized, needs_key, presented_key
 
     assert presented_key({"authorization": "Bearer abc"}) == "abc"
     assert presented_key({"authorization": "bearer  abc "}) == "abc"

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from model_store.bundle import Bundle
-from service.ui import pca_2d
+from service.api.ui import pca_2d
 from tests.servers import ServiceProcess, published_service
 
 pytestmark = pytest.mark.slow

@@ -1,4 +1,4 @@
-"""The engine worker: one thread owns the engine and searches queued requests together.
+"""The batcher: one thread owns the engine and searches queued requests together.
 
 Requests that arrive while a search runs wait in the queue; the next search takes all of
 them (up to `max_batch`) as one batched beam search, so concurrent requests share every
@@ -8,6 +8,7 @@ dropped before it costs anything.
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import threading
 import time
@@ -49,7 +50,7 @@ class _Job:
     future: Future[Searched] = field(default_factory=Future)
 
 
-class EngineWorker:
+class Batcher:
     def __init__(self, engine: Engine, search: Search, max_batch: int = 16) -> None:
         self.engine = engine
         self._search = search
@@ -65,6 +66,18 @@ class EngineWorker:
         job = _Job(prompt, beam_width, exclude, deadline)
         self._queue.put(job)
         return job.future
+
+    async def search(
+        self, prompt: Prompt, beam_width: int, exclude: Collection[int], deadline: float
+    ) -> Searched:
+        """Waits for the request's search, or raises :class:`DeadlineExceeded` at `deadline`."""
+        future = self.submit(prompt, beam_width, exclude, deadline)
+        try:
+            return await asyncio.wait_for(
+                asyncio.wrap_future(future), timeout=max(0.0, deadline - time.monotonic())
+            )
+        except TimeoutError as e:
+            raise DeadlineExceeded("engine answered after the deadline") from e
 
     def close(self, timeout: float = 10.0) -> None:
         self._queue.put(None)

@@ -1,5 +1,6 @@
-"""gRPC transport: `genrec.v1.NextEpisode`, a thin adapter over the shared pipeline, with
-standard health checking and server reflection."""
+"""gRPC transport: `genrec.v1.NextEpisode`, a thin adapter over the shared use case, with
+standard health checking and server reflection. Errors map to codes through the one table
+in `service.api.errors`."""
 
 from __future__ import annotations
 
@@ -8,13 +9,13 @@ import time
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from pydantic import ValidationError
 
 from service import metrics
-from service.auth import authorized, presented_key
-from service.pipeline import Pipeline, UnknownItem
+from service.api.auth import authorized, presented_key
+from service.api.errors import kind_of
 from service.proto import next_episode_pb2 as pb
 from service.proto import next_episode_pb2_grpc as pb_grpc
+from service.recommendations import Recommendations
 from service.schemas import RecommendationRequest, RecommendationResponse
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["NextEpisode"].full_name
@@ -40,13 +41,9 @@ def _response(resp: RecommendationResponse) -> pb.NextResponse:
     )
 
 
-def _validation_detail(e: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
-
-
 class NextEpisodeServicer(pb_grpc.NextEpisodeServicer):
-    def __init__(self, pipeline: Pipeline, api_keys: list[str]) -> None:
-        self.pipeline = pipeline
+    def __init__(self, recommendations: Recommendations, api_keys: list[str]) -> None:
+        self.recommendations = recommendations
         self.api_keys = api_keys
 
     async def Next(
@@ -61,18 +58,14 @@ class NextEpisodeServicer(pb_grpc.NextEpisodeServicer):
                     code = grpc.StatusCode.UNAUTHENTICATED
                     await context.abort(code, "missing or unknown API key (authorization metadata)")
             try:
-                req = _request(request)
-            except ValidationError as e:
-                code = grpc.StatusCode.INVALID_ARGUMENT
-                await context.abort(code, _validation_detail(e))
-            try:
-                resp = await self.pipeline.recommend(req)
-            except UnknownItem as e:
-                code = grpc.StatusCode.NOT_FOUND
-                await context.abort(code, str(e))
-            except Exception:
-                code = grpc.StatusCode.INTERNAL  # counted as what the client will see
-                raise
+                resp = await self.recommendations.recommend(_request(request))
+            except Exception as e:
+                kind = kind_of(e)
+                if kind is None:
+                    code = grpc.StatusCode.INTERNAL  # counted as what the client will see
+                    raise
+                code = kind.code
+                await context.abort(code, kind.message(e))
             return _response(resp)
         finally:
             metrics.REQUESTS.labels(ENDPOINT, code.name).inc()
@@ -80,11 +73,13 @@ class NextEpisodeServicer(pb_grpc.NextEpisodeServicer):
 
 
 async def start_grpc(
-    pipeline: Pipeline, host: str, port: int, api_keys: list[str]
+    recommendations: Recommendations, host: str, port: int, api_keys: list[str]
 ) -> tuple[grpc.aio.Server, int]:
     """Starts the server on (host, port) and returns it with the port it bound."""
     server = grpc.aio.server()
-    pb_grpc.add_NextEpisodeServicer_to_server(NextEpisodeServicer(pipeline, api_keys), server)
+    pb_grpc.add_NextEpisodeServicer_to_server(
+        NextEpisodeServicer(recommendations, api_keys), server
+    )
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

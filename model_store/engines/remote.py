@@ -2,7 +2,7 @@
 
 The gateway keeps the input-embedding table (read from the bundle's llm directory) and
 builds every row's prompt embeddings itself, exactly as :class:`~model_store.engines.
-VLLMEngine` does, so only embeddings travel and the two engines are numerically
+vllm_engine.VLLMEngine` does, so only embeddings travel and the two engines are numerically
 interchangeable. The server must run with ``--enable-prompt-embeds`` and the default
 ``--logprobs-mode raw_logprobs`` (log-softmax of the unprocessed logits).
 
@@ -28,10 +28,11 @@ import httpx
 import numpy as np
 import torch
 
-from model_store.engines import (
+from model_store.engines.base import (
     MAX_LOGPROB_TOKEN_IDS,
     EmbeddingEngine,
     EmbeddingRows,
+    EngineError,
     load_input_embeddings,
 )
 from model_store.generation import Prompt
@@ -46,13 +47,6 @@ MAX_PROMPTS_PER_REQUEST = 1024
 """vLLM's default cap on prompts in one completion request (VLLM_MAX_COMPLETION_PROMPTS)."""
 
 _BODY_EXCERPT = 300
-
-
-class EngineError(RuntimeError):
-    """The server could not give scores: unreachable, timed out, HTTP error or bad reply.
-
-    One type so the gateway can catch every remote failure in one place and degrade.
-    """
 
 
 def encode_embeddings(embeds: torch.Tensor) -> str:
@@ -117,12 +111,12 @@ class RemoteEngine(EmbeddingEngine):
             return False
         return response.status_code == 200
 
-    def warmup(self, timeout_s: float = 180.0) -> None:
+    def warm(self, timeout_s: float = 180.0) -> None:
         """The warm-up request, so that the server's first-batch compilation (~20 s on CPU)
         is not a user's; it gets its own, longer budget."""
         budget, self.timeout_s = self.timeout_s, max(timeout_s, self.timeout_s)
         try:
-            self.warm()
+            super().warm()
         finally:
             self.timeout_s = budget
 

@@ -1,0 +1,163 @@
+"""The in-process vLLM engine: a ``vllm.LLM`` inside this process scores the search's rows.
+
+Every live row becomes one ``prompt_embeds`` request that generates a single token and
+returns the log-probabilities of that row's candidates only, all rows of a level in one
+``generate`` call. Prefix caching serves the full 32-token blocks that rows share (the
+prompt's, for every beam of it), so a row recomputes only its last partial block.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from model_store.engines.base import (
+    MAX_LOGPROB_TOKEN_IDS,
+    EmbeddingEngine,
+    EmbeddingRows,
+    load_input_embeddings,
+)
+from model_store.generation import Prompt
+
+if TYPE_CHECKING:
+    from vllm import LLM, SamplingParams
+
+
+class VLLMEngine(EmbeddingEngine):
+    """A ``vllm.LLM`` scoring each live row as one single-token request.
+
+    `**llm_kwargs` go to ``vllm.LLM`` and override the defaults set here. `kv_cache_gib`
+    bounds the KV cache (prefix-cache hits included): a small model needs ~2 KiB a token.
+    """
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        block_size: int = 32,
+        max_num_seqs: int = 256,
+        enforce_eager: bool = True,
+        dtype: str = "float32",
+        kv_cache_gib: float = 1.0,
+        seed: int = 0,
+        warmup: bool = True,
+        **llm_kwargs: Any,
+    ) -> None:
+        from vllm import LLM
+
+        options: dict[str, Any] = {
+            "enable_prompt_embeds": True,
+            "enable_prefix_caching": True,
+            # Without this a generation_config.json could slip top_k/top_p defaults in.
+            "generation_config": "vllm",
+            # The default, pinned: log-softmax of the unprocessed logits over the whole vocabulary.
+            "logprobs_mode": "raw_logprobs",
+            "dtype": dtype,
+            "block_size": block_size,
+            "max_num_seqs": max_num_seqs,
+            "enforce_eager": enforce_eager,
+            "seed": seed,
+            # An explicit KV-cache size: by default the CPU backend claims 92% of the node's
+            # memory (gpu_memory_utilization) and refuses to start when others use more than 8%.
+            "kv_cache_memory_bytes": int(kv_cache_gib * 2**30),
+        }
+        options.update(llm_kwargs)
+        self.model_dir = Path(model_dir)
+        self.table = load_input_embeddings(self.model_dir)
+        self.llm: LLM | None = LLM(model=str(self.model_dir), **options)
+        if warmup:
+            self.warm()
+
+    def ready(self) -> bool:
+        """In-process: ready while not closed."""
+        return self.llm is not None
+
+    def _require_llm(self) -> LLM:
+        if self.llm is None:
+            raise RuntimeError("the engine is closed")
+        return self.llm
+
+    def open(self, prompts: Sequence[Prompt]) -> VLLMSession:
+        return VLLMSession(self._require_llm(), self.table, self.embed(prompts))
+
+    def close(self) -> None:
+        """Shuts the engine core down (and its worker processes when multiprocessing)."""
+        if self.llm is None:
+            return
+        llm, self.llm = self.llm, None
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+
+
+def _sampling_params(candidates: np.ndarray) -> SamplingParams:
+    """Greedy single-token request reporting the raw log-probs of `candidates` (≤ 128)."""
+    from vllm import SamplingParams
+
+    return SamplingParams(
+        max_tokens=1,
+        temperature=0.0,
+        logprob_token_ids=[int(c) for c in candidates],
+        detokenize=False,
+        flat_logprobs=True,  # a few flat lists per request instead of one object per token
+        skip_clone=True,
+    )
+
+
+class VLLMSession(EmbeddingRows):
+    """A search's rows, each scored as vLLM requests over its prompt embeddings."""
+
+    def __init__(self, llm: LLM, table: torch.Tensor, prompts: list[torch.Tensor]) -> None:
+        super().__init__(table, prompts)
+        self._llm = llm
+
+    def logprobs(self, candidates: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """One `generate` call for all rows; a row with more candidates than vLLM's cap of 128
+        `logprob_token_ids` becomes several requests over the same embeddings.
+
+        (A request with `logprobs=-1` cannot share the call: when any request in a batch sets
+        `logprob_token_ids`, vLLM 0.32's sampler returns those for every request.)
+        """
+        wanted = self._checked(candidates)
+        row_embeddings = self._row_embeddings()
+        requests: list[Any] = []
+        params: list[SamplingParams] = []
+        pieces: list[tuple[int, np.ndarray]] = []  # (row, candidate ids) of each request
+        for r, cands in enumerate(wanted):
+            if not len(cands):
+                continue
+            embeds = row_embeddings(r)
+            for start in range(0, len(cands), MAX_LOGPROB_TOKEN_IDS):
+                piece = cands[start : start + MAX_LOGPROB_TOKEN_IDS]
+                requests.append({"prompt_embeds": embeds})
+                params.append(_sampling_params(piece))
+                pieces.append((r, piece))
+        parts: list[list[np.ndarray]] = [[] for _ in wanted]
+        if requests:
+            outputs = self._llm.generate(requests, params, use_tqdm=False)
+            for (r, piece), output in zip(pieces, outputs, strict=True):
+                parts[r].append(_candidate_logprobs(output.outputs[0].logprobs, piece))
+        return [np.concatenate(p) if p else np.zeros(0, dtype=np.float32) for p in parts]
+
+
+def _candidate_logprobs(logprobs: Any, candidates: np.ndarray) -> np.ndarray:
+    """Candidates' log-probs from the first generated position of a vLLM output.
+
+    With `logprob_token_ids` the entries are [sampled token, *candidates in request order];
+    anything else is matched by token id.
+    """
+    if logprobs is None or len(logprobs) == 0:
+        raise RuntimeError("vLLM returned no log-probabilities")
+    start, end = logprobs.start_indices[0], logprobs.end_indices[0]
+    ids = np.asarray(logprobs.token_ids[start:end], dtype=np.int64)
+    values = np.asarray(logprobs.logprobs[start:end], dtype=np.float32)
+    if len(ids) == len(candidates) + 1 and np.array_equal(ids[1:], candidates):
+        return values[1:]
+    found = dict(zip(ids.tolist(), values.tolist(), strict=True))
+    missing = [int(c) for c in candidates if int(c) not in found]
+    if missing:
+        raise RuntimeError(f"vLLM returned no log-probability for tokens {missing[:5]}")
+    return np.array([found[int(c)] for c in candidates], dtype=np.float32)

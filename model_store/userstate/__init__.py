@@ -1,0 +1,1 @@
+"""User state in Redis: the key schema, connections, and the batch publisher."""

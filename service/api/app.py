@@ -1,0 +1,44 @@
+"""The FastAPI app, assembled: lifespan (start and stop the runtime), middleware, the error
+table's handlers, and the routers. Nothing else lives here."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from service import logs
+from service.api import errors, middleware, ui
+from service.api.routes import probes, profiles, recommendations
+from service.api.runtime import Runtime
+from service.settings import Settings
+
+
+def create_app(settings: Settings | None = None, announce: str | None = None) -> FastAPI:
+    """The app; `announce` is printed once the service is ready (the demo's sample request)."""
+    runtime = Runtime(settings or Settings())
+    logs.configure(runtime.settings.log_json)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await runtime.start()
+        if announce:
+            print(announce, flush=True)
+        try:
+            yield
+        finally:
+            await runtime.stop()
+
+    app = FastAPI(
+        title="genrec",
+        version="1",
+        summary="Generative recommendations over Semantic IDs, with constrained decoding.",
+        lifespan=lifespan,
+    )
+    app.state.runtime = runtime
+    app.middleware("http")(middleware.observe(runtime.settings.api_keys))
+    errors.install(app)
+    for router in (recommendations.router, profiles.router, probes.router, ui.router):
+        app.include_router(router)
+    return app

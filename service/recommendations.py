@@ -1,0 +1,227 @@
+"""The use case REST and gRPC both call: one request, top to bottom, once.
+
+    user state (Redis, one round trip) → prompt (soft token from the projector)
+    → SID-constrained beam search (the batcher, under the request's deadline)
+    → LightGBM reranker → business rules → top k
+
+Every degraded path is explicit: the response's `served_by` says which path answered and
+`degraded` says why, and both are counted in Prometheus.
+
+* no embedding (unknown user, nothing published, Redis down, embeddings of another bundle)
+  → prompt-only generation (context + history, no soft token);
+* engine error or past the deadline → ANN over the user-model item vectors, or popularity
+  when there is no user vector either.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+import structlog
+
+from model_store.bundle import Bundle
+from model_store.catalog import Catalog
+from model_store.generation import Beam, Engine, Prompt
+from model_store.prompts import MODES
+from model_store.recommend import Recommender
+from model_store.vocab import words_of
+from service import metrics, rules, taste
+from service.batcher import Batcher, DeadlineExceeded
+from service.ranking import Ranker, first_of_each
+from service.rules import Candidate, ItemFacts, RuleInput, Rules
+from service.schemas import (
+    Item,
+    PlaylistRequest,
+    RecommendationRequest,
+    RecommendationResponse,
+    RequestContext,
+    ServedBy,
+)
+from service.settings import Settings
+from service.trace import Trace
+from service.users import UserFacts, UserReader
+from service.userstore import UserStore
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Ask:
+    """What one request asks for beyond the user's history."""
+
+    k: int
+    words: str = ""  # the user's own words
+    beam_width: int = 0  # 0: the configured width
+    prompt_weight: float = 0.0  # weight of prompt-to-item content similarity in the ranking
+    excluded: frozenset[int] = frozenset()
+    market: str | None = None
+    current_item: str | None = None
+
+
+class Recommendations:
+    """Recommendations and playlists over one bundle; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        bundle: Bundle,
+        catalog: Catalog,
+        core: Recommender,
+        users: UserReader,
+        batcher: Batcher,
+        ranker: Ranker,
+        rules: Rules,
+        facts: ItemFacts,
+        settings: Settings,
+    ) -> None:
+        self.bundle, self.catalog, self.core = bundle, catalog, core
+        self.users, self.batcher, self.ranker = users, batcher, ranker
+        self.rules, self.facts, self.settings = rules, facts, settings
+
+    @classmethod
+    def create(
+        cls, bundle: Bundle, engine: Engine, store: UserStore | None, settings: Settings
+    ) -> Recommendations:
+        """Builds the catalog and the request-path parts once for `bundle`."""
+        catalog = Catalog.from_bundle(bundle)
+        core = Recommender(bundle, align=settings.prompt_align)
+        markets, min_age = rules.load_availability(
+            settings.availability_file, catalog.uri_index, len(catalog)
+        )
+        metrics.BUNDLE.info({"version": bundle.version, "dataset": str(bundle.manifest["dataset"])})
+        return cls(
+            bundle=bundle,
+            catalog=catalog,
+            core=core,
+            users=UserReader(bundle, catalog, store),
+            batcher=Batcher(engine, core.generate, settings.max_batch),
+            ranker=Ranker(core, catalog),
+            rules=Rules(settings.rules),
+            facts=ItemFacts(catalog.genres, catalog.creators, markets, min_age),
+            settings=settings,
+        )
+
+    def warm(self) -> None:
+        self.ranker.warm()
+
+    def close(self) -> None:
+        self.batcher.close()
+
+    async def recommend(
+        self, req: RecommendationRequest, request_id: str | None = None
+    ) -> RecommendationResponse:
+        ask = Ask(
+            k=req.k,
+            words=req.prompt or "",
+            excluded=frozenset(self.catalog.indices(req.exclude)),
+            market=req.context.market if req.context else None,
+            current_item=req.current_item,
+        )
+        return await self.serve(req.user_id, req.context, ask, request_id)
+
+    async def playlist(
+        self, req: PlaylistRequest, request_id: str | None = None
+    ) -> RecommendationResponse:
+        """An ordered list that follows the prompt's words while staying personal: the words
+        go to the LLM, and their content similarity to each item into the ranking."""
+        ask = Ask(
+            k=req.length,
+            words=req.prompt,
+            beam_width=max(self.settings.playlist_beam_width, req.length),
+            prompt_weight=self.settings.playlist_prompt_weight,
+            market=req.context.market if req.context else None,
+        )
+        return await self.serve(req.user_id, req.context, ask, request_id)
+
+    async def serve(
+        self, user_id: str, context: RequestContext | None, ask: Ask, request_id: str | None = None
+    ) -> RecommendationResponse:
+        trace = Trace()
+        facts = await self.users.read(user_id, trace, context, ask.current_item)
+        request = self._rule_input(facts, ask)
+        seen = set(facts.history)
+        beams, served_by = await self._generate(facts, ask, request, trace)
+        with trace.stage("fallback"):
+            path, backfill = self.ranker.backfill(facts, seen, 3 * ask.k + len(ask.excluded))
+        if not beams:
+            served_by = path
+        with trace.stage("rerank"):
+            ranked = self.ranker.rank(
+                facts, beams, served_by, ask.words, ask.prompt_weight, ask.k,
+                leave_out=frozenset(seen) | ask.excluded,
+            )  # fmt: skip
+        with trace.stage("rules"):
+            more = self.ranker.more_of(facts, request.taste, seen, ask.k // 2)
+            pool = first_of_each(ranked + more + backfill)
+            kept = self.rules.apply(pool, request, self.facts)[: ask.k]
+        return RecommendationResponse(
+            request_id=request_id or uuid.uuid4().hex,
+            bundle_version=self.bundle.version,
+            served_by=served_by,
+            degraded=trace.degraded,
+            items=[self._item(c) for c in kept],
+            timings_ms=trace.finish(served_by),
+        )
+
+    def _rule_input(self, facts: UserFacts, ask: Ask) -> RuleInput:
+        return RuleInput(
+            seen=frozenset(facts.history),
+            excluded=ask.excluded,
+            market=ask.market,
+            age=facts.age,
+            k=ask.k,
+            genre_cap=self.settings.genre_cap,
+            creator_cap=self.settings.creator_cap,
+            taste=taste.resolve(facts.edits, self.catalog),
+            asked_genres=self.catalog.known_genres(words_of(ask.words)),
+        )
+
+    async def _generate(
+        self, facts: UserFacts, ask: Ask, request: RuleInput, trace: Trace
+    ) -> tuple[list[Beam], ServedBy]:
+        """The generated items and the path they stand for; on an engine failure or a
+        missed deadline, none and `ann` (the backfill then decides ann or popularity)."""
+        with trace.stage("project"):
+            prompt = self._prompt(facts, ask)
+        width = max(ask.beam_width or self.settings.beam_width, ask.k)
+        deadline = trace.started + self.settings.deadline_ms / 1000.0
+        try:
+            with trace.stage("generate"):
+                searched = await self.batcher.search(
+                    prompt, width, self.rules.cut_from_search(request), deadline
+                )
+        except DeadlineExceeded:
+            trace.degrade("engine_deadline")
+            return [], "ann"
+        except Exception as e:
+            metrics.ENGINE_ERRORS.labels(type(e).__name__).inc()
+            log.warning("engine failed", error=repr(e))
+            trace.degrade("engine_error")
+            return [], "ann"
+        for level, seconds in enumerate(searched.level_seconds):
+            trace.record(f"beam_step_{level}", seconds)
+        return searched.beams, "generative" if facts.embedding is not None else "prompt-only"
+
+    def _prompt(self, facts: UserFacts, ask: Ask) -> Prompt:
+        """Soft token + context + history as SIDs + the user's words (and `more` genres);
+        `less` genres are written as words to avoid."""
+        mode = MODES["soft+prompt" if facts.embedding is not None else "prompt"]
+        vocab = self.core.vocab
+        words = [*words_of(ask.words), *facts.edits.more.genres]
+        known = list(dict.fromkeys(w for w in words if vocab.known(w)))
+        less = [g for g in facts.edits.less.genres if vocab.known(g)]
+        return self.core.prompt(
+            mode, facts.prompt_history, facts.embedding, facts.context, known, less
+        )
+
+    def _item(self, c: Candidate) -> Item:
+        catalog = self.catalog
+        return Item(
+            uri=catalog.uris[c.item],
+            title=catalog.titles[c.item],
+            kind=catalog.kinds[c.item],
+            score=round(c.score, 6),
+            semantic_id=catalog.sids[c.item],
+            why=c.why,
+        )

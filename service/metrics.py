@@ -84,6 +84,31 @@ QUEUE_SECONDS = Histogram(
     buckets=BUCKETS,
     registry=REGISTRY,
 )
+EVENTS = Counter(
+    "genrec_events",
+    "Listening events by type and result (accepted, duplicate, rejected, unavailable).",
+    ["type", "result"],
+    registry=REGISTRY,
+)
+EVENT_LOG_LENGTH = Gauge(
+    "genrec_event_log_length",
+    "Entries in the event log not yet consumed by a daily embedding run (as last seen).",
+    registry=REGISTRY,
+)
+EMBEDDING_AGE = Gauge(
+    "genrec_embedding_age_seconds",
+    "Age of the user-embedding version the gateway serves (seconds since it was published).",
+    registry=REGISTRY,
+)
+_embedding_published = [float("nan")]  # seconds since the epoch, once a version is seen
+EMBEDDING_AGE.set_function(lambda: time.time() - _embedding_published[0])
+
+
+def embedding_published(at: float) -> None:
+    """Records when the embedding version the gateway just read was published."""
+    _embedding_published[0] = at
+
+
 INFLIGHT = Gauge("genrec_inflight_requests", "Requests being served right now.", registry=REGISTRY)
 BUNDLE = Info("genrec_bundle", "The bundle being served.", registry=REGISTRY)
 

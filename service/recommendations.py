@@ -175,6 +175,8 @@ class Recommendations:
             creator_cap=self.settings.creator_cap,
             taste=taste.resolve(facts.edits, self.catalog),
             asked_genres=self.catalog.known_genres(words_of(ask.words)),
+            disliked=facts.disliked,
+            skipped=facts.skipped,
         )
 
     async def _generate(

@@ -60,6 +60,8 @@ class RuleInput:
     creator_cap: int = 2
     taste: Taste = Taste()
     asked_genres: frozenset[str] = frozenset()  # named by the user: exempt from the genre cap
+    disliked: frozenset[int] = frozenset()  # listening events: never again
+    skipped: frozenset[int] = frozenset()  # listening events: demoted
 
 
 Rule = Callable[[Sequence[Candidate], RuleInput, ItemFacts], list[Candidate]]
@@ -119,6 +121,14 @@ def taste(cands: Sequence[Candidate], req: RuleInput, facts: ItemFacts) -> list[
     return ahead + middle + behind
 
 
+def feedback(cands: Sequence[Candidate], req: RuleInput, facts: ItemFacts) -> list[Candidate]:
+    """Listening events: a disliked item never comes back, a skipped one moves behind."""
+    kept = [c for c in cands if c.item not in req.disliked]
+    ahead = [c for c in kept if c.item not in req.skipped]
+    behind = [replace(c, why=f"{c.why}; demoted: skipped") for c in kept if c.item in req.skipped]
+    return ahead + behind
+
+
 def diversity(cands: Sequence[Candidate], req: RuleInput, facts: ItemFacts) -> list[Candidate]:
     """At most `genre_cap` items per genre and `creator_cap` per creator in the top k;
     items over a cap move behind the others instead of disappearing. Genres the user asked
@@ -162,6 +172,7 @@ REGISTRY: dict[str, RuleSpec] = {
         RuleSpec("availability", availability),
         RuleSpec("age", age),
         RuleSpec("taste", taste, cuts=lambda req: req.taste.forget_items),
+        RuleSpec("feedback", feedback, cuts=lambda req: req.disliked),
         RuleSpec("diversity", diversity),
     )
 }

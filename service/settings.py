@@ -77,6 +77,9 @@ class Settings(BaseSettings):
         description="Comma-separated keys; when set, /v1/* and gRPC need one "
         "(`Authorization: Bearer KEY` or `X-API-Key: KEY`).",
     )
+    event_dedup_hours: float = Field(
+        48.0, gt=0, description="An event id seen within this many hours counts once."
+    )
     log_json: bool = Field(False, description="Structured logs as JSON lines.")
 
     @field_validator("rules", "api_keys", mode="before")

@@ -8,7 +8,8 @@ answer may be lesser is recorded in the trace.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import lru_cache
 
 import numpy as np
 import structlog
@@ -16,6 +17,8 @@ import structlog
 from model_store.bundle import Bundle
 from model_store.catalog import Catalog
 from model_store.prompts import context_words
+from model_store.userstate.keys import consumed_since
+from model_store.userstate.publish import published_at
 from service import metrics, taste
 from service.schemas import RequestContext
 from service.taste import TasteEdits
@@ -36,6 +39,8 @@ class UserFacts:
     age: int | None
     edits: TasteEdits
     revision: int
+    disliked: frozenset[int] = frozenset()  # never recommended again
+    skipped: frozenset[int] = frozenset()  # demoted
 
 
 class UserReader:
@@ -52,21 +57,16 @@ class UserReader:
         current_item: str | None = None,
     ) -> UserFacts:
         user = self.catalog.user_index.get(user_id)
-        state = await self._state(user_id, trace)
-        embedding = state.embedding if state is not None else None
-        if state is not None and state.history is not None:
-            history = [int(i) for i in state.history]
-        elif user is not None:
-            history = [int(i) for i in self.bundle.histories[user]]  # as of the bundle's build
-        else:
-            history = []
+        state = await self._state(user_id, trace) or UserState(None, None, None)
+        embedding = state.embedding
+        history = self._history(user, state)
         if embedding is None and not trace.degraded:
             trace.degrade("unknown_user" if user is None else "no_embedding")
         if current_item is not None:
             current = self.catalog.item_index(current_item)
             if not history or history[-1] != current:
                 history.append(current)
-        edits = _edits(state.edits if state is not None else None)
+        edits = _edits(state.edits)
         words, age = self._context(user, context)
         return UserFacts(
             embedding,
@@ -75,8 +75,22 @@ class UserReader:
             words,
             age,
             edits,
-            revision=state.revision if state is not None else 0,
+            revision=state.revision,
+            disliked=frozenset(self.catalog.indices(state.dislikes)),
+            skipped=frozenset(self.catalog.indices(state.skips)),
         )
+
+    def _history(self, user: int | None, state: UserState) -> list[int]:
+        """The published history (else the bundle's, as of its build), then the events
+        logged since the published version was computed."""
+        if state.history is not None:
+            base = [int(i) for i in state.history]
+        elif user is not None:
+            base = [int(i) for i in self.bundle.histories[user]]
+        else:
+            base = []
+        checkpoint = state.checkpoint if state.history is not None else None
+        return base + self.catalog.indices(consumed_since(state.live, checkpoint))
 
     async def _state(self, user_id: str, trace: Trace) -> UserState | None:
         """The user's published state, or None (and the reason in the trace)."""
@@ -91,9 +105,11 @@ class UserReader:
             log.warning("redis unavailable", error=str(e))
             trace.degrade("redis_down")
             return None
+        if state.version is not None:
+            _observe_version(state.version)
         if state.version is not None and state.bundle_version != self.bundle.version:
             trace.degrade("stale_embedding")  # published for another bundle: indices differ
-            return UserState(None, None, None, state.edits, state.revision)
+            return replace(state, version=None, embedding=None, history=None, checkpoint=None)
         return state
 
     def _context(
@@ -113,6 +129,16 @@ class UserReader:
             str(row.get("region", "")),
         )
         return words, age
+
+
+_published_at = lru_cache(maxsize=8)(published_at)
+
+
+def _observe_version(version: str) -> None:
+    """The age metric follows the version being served (each version parsed once)."""
+    at = _published_at(version)
+    if at is not None:
+        metrics.embedding_published(at)
 
 
 def _edits(raw: str | None) -> TasteEdits:

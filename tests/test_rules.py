@@ -21,6 +21,7 @@ from service.rules import (
     availability,
     diversity,
     exclude,
+    feedback,
     load_availability,
     no_repeats,
     taste,
@@ -97,6 +98,14 @@ def test_taste_forgets_boosts_and_demotes() -> None:
 def test_taste_names_the_item_when_an_item_is_boosted() -> None:
     out = taste(cands(3, 5), RuleInput(taste=Taste(more_items=frozenset({5}))), FACTS)
     assert [(c.item, c.why) for c in out] == [(5, "model; boosted: more this item"), (3, "model")]
+
+
+def test_feedback_drops_dislikes_and_demotes_skips() -> None:
+    req = RuleInput(disliked=frozenset({2}), skipped=frozenset({0, 4}))
+    out = feedback(ALL, req, FACTS)
+    assert items(out) == [1, 3, 5, 0, 4]
+    assert [c.why for c in out][-2:] == ["model; demoted: skipped"] * 2
+    assert feedback(ALL, RuleInput(), FACTS) == ALL
 
 
 def test_diversity_demotes_over_the_caps_instead_of_dropping() -> None:
@@ -187,6 +196,8 @@ def test_cut_from_search_is_the_union_for_configured_cutting_rules_only() -> Non
     )
     assert Rules(RULE_NAMES).cut_from_search(req) == {1, 2, 3}
     assert Rules(["exclude", "taste"]).cut_from_search(req) == {2, 3}
+    disliked = RuleInput(disliked=frozenset({5}), skipped=frozenset({0}))
+    assert Rules(["feedback"]).cut_from_search(disliked) == {5}
     assert Rules(["availability", "age", "diversity"]).cut_from_search(req) == frozenset()
     assert Rules([]).cut_from_search(req) == frozenset()
 

@@ -3,21 +3,25 @@ made current in one step once every key is written (readers never see half a ver
 
 from __future__ import annotations
 
+import calendar
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import hiredis
 import numpy as np
 import redis
+from redis.typing import EncodableT, FieldT
 
 from model_store.bundle import Bundle
 from model_store.userstate.keys import (
     CURRENT,
     EMB,
     HIST,
+    NO_CHECKPOINT,
     VERSIONS,
     encode_history,
+    meta_key,
     versioned_key,
 )
 
@@ -41,30 +45,40 @@ def _chunks(n: int, size: int) -> Iterator[slice]:
         yield slice(start, min(n, start + size))
 
 
-def publish(
+def new_version(bundle_version: str) -> str:
+    """A fresh version name: ``<bundle version>@<UTC publish time>``."""
+    now = time.time_ns()
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now / 1e9))
+    return f"{bundle_version}@{stamp}{now % 10**6:06d}"
+
+
+def published_at(version: str) -> float | None:
+    """Seconds since the epoch when `version` was made (None for a foreign name)."""
+    _, _, stamp = version.partition("@")
+    try:
+        return calendar.timegm(time.strptime(stamp[:15], "%Y%m%dT%H%M%S"))
+    except ValueError:
+        return None
+
+
+def write_users(
     client: redis.Redis,
-    version_of: str,
-    user_ids: list[str],
+    version: str,
+    user_ids: Sequence[str],
     embeddings: np.ndarray,
-    histories: list[np.ndarray],
+    histories: Sequence[np.ndarray],
     *,
     history_len: int = 1000,
     batch: int = 5000,
-    version: str | None = None,
-) -> PublishReport:
-    """Writes every user's embedding and history under a new version, then flips
-    ``emb:current`` to it (one atomic SET) and deletes versions older than the previous one.
+) -> int:
+    """Writes the users' embeddings and histories under `version` (not yet current).
 
     Each batch is one MSET of 2 × `batch` keys packed by hiredis, and a few batches stay in
     flight on one connection: the client packs batch i+1 while Redis stores batch i, instead
-    of a round trip (or a command) per user.
+    of a round trip (or a command) per user. Safe to call from many workers at once.
     """
     if len(user_ids) != len(embeddings) or len(user_ids) != len(histories):
         raise ValueError("user_ids, embeddings and histories must have equal lengths")
-    version = (
-        version or f"{version_of}@{time.strftime('%Y%m%dT%H%M%S')}{time.time_ns() % 10**6:06d}"
-    )
-    start = time.perf_counter()
     half = np.asarray(embeddings, dtype="<f2")
     emb_prefix, hist_prefix = versioned_key(EMB, version, ""), versioned_key(HIST, version, "")
     with _Pipelined(client, IN_FLIGHT) as out:
@@ -79,10 +93,54 @@ def publish(
                     encode_history(histories[i][-history_len:]),
                 )
             out.send(args)
+    return len(user_ids)
+
+
+def flip(
+    client: redis.Redis,
+    version: str,
+    users: int,
+    *,
+    checkpoint: str = NO_CHECKPOINT,
+    snapshot: str = "",
+) -> list[str]:
+    """Makes `version` current in one SET, after recording what it holds (`checkpoint`: the
+    last event-log entry its histories include; `snapshot`: where its Parquet copy is), then
+    deletes versions older than the previous one. The deleted versions."""
+    meta: dict[FieldT, EncodableT] = {
+        "checkpoint": checkpoint,
+        "snapshot": snapshot,
+        "users": str(users),
+        "published_at": str(published_at(version) or time.time()),
+    }
+    client.hset(meta_key(version), mapping=meta)
     client.lpush(VERSIONS, version)
     client.set(CURRENT, version)
+    return _delete_old_versions(client)
+
+
+def publish(
+    client: redis.Redis,
+    version_of: str,
+    user_ids: list[str],
+    embeddings: np.ndarray,
+    histories: list[np.ndarray],
+    *,
+    history_len: int = 1000,
+    batch: int = 5000,
+    version: str | None = None,
+    checkpoint: str = NO_CHECKPOINT,
+    snapshot: str = "",
+) -> PublishReport:
+    """Writes every user's embedding and history under a new version, then flips
+    ``emb:current`` to it (one atomic SET) and deletes versions older than the previous one."""
+    version = version or new_version(version_of)
+    start = time.perf_counter()
+    write_users(
+        client, version, user_ids, embeddings, histories, history_len=history_len, batch=batch
+    )
     seconds = time.perf_counter() - start
-    deleted = _delete_old_versions(client)
+    deleted = flip(client, version, len(user_ids), checkpoint=checkpoint, snapshot=snapshot)
     return PublishReport(version, len(user_ids), seconds, deleted)
 
 
@@ -131,12 +189,14 @@ def _delete_old_versions(client: redis.Redis) -> list[str]:
             keys = list(client.scan_iter(match=pattern, count=10_000))
             for part in _chunks(len(keys), 10_000):
                 client.unlink(*keys[part])
+        client.unlink(meta_key(version))
         client.lrem(VERSIONS, 0, version)
     return stale
 
 
 def publish_bundle(client: redis.Redis, bundle: Bundle, history_len: int = 1000) -> PublishReport:
-    """Publishes the bundle's user embeddings and histories (the daily batch job's write)."""
+    """Publishes the bundle's own user embeddings and histories: the daily job's first run,
+    without Ray, consuming no logged events (every live event stays visible after it)."""
     users = bundle.users["user_id"].astype(str).tolist()
     return publish(
         client,

@@ -10,7 +10,7 @@ from fastapi import FastAPI
 
 from service import logs
 from service.api import errors, middleware, ui
-from service.api.routes import probes, profiles, recommendations
+from service.api.routes import events, probes, profiles, recommendations
 from service.api.runtime import Runtime
 from service.settings import Settings
 
@@ -39,6 +39,7 @@ def create_app(settings: Settings | None = None, announce: str | None = None) ->
     app.state.runtime = runtime
     app.middleware("http")(middleware.observe(runtime.settings.api_keys))
     errors.install(app)
-    for router in (recommendations.router, profiles.router, probes.router, ui.router):
+    routers = (recommendations.router, profiles.router, events.router, probes.router, ui.router)
+    for router in routers:
         app.include_router(router)
     return app

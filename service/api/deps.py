@@ -5,6 +5,7 @@ from __future__ import annotations
 from fastapi import Request
 
 from service.api.runtime import Runtime
+from service.events import Events
 from service.profiles import Profiles
 from service.recommendations import Recommendations
 
@@ -25,6 +26,13 @@ def recommendations(request: Request) -> Recommendations:
 
 def profiles(request: Request) -> Profiles:
     service = runtime(request).profiles
+    if service is None:
+        raise RuntimeError("the service is not started")
+    return service
+
+
+def events(request: Request) -> Events:
+    service = runtime(request).events
     if service is None:
         raise RuntimeError("the service is not started")
     return service

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
 from model_store.catalog import UnknownItem
+from service.events import EventsUnavailable
 from service.profiles import ProfileUnavailable, StaleRevision
 
 
@@ -52,6 +53,9 @@ ERRORS: dict[type[Exception], ErrorKind] = {
     ),
     ProfileUnavailable: ErrorKind(
         503, grpc.StatusCode.UNAVAILABLE, message=lambda e: f"taste profile unavailable: {e}"
+    ),
+    EventsUnavailable: ErrorKind(
+        503, grpc.StatusCode.UNAVAILABLE, message=lambda e: f"events unavailable: {e}"
     ),
     BadRevision: ErrorKind(400, grpc.StatusCode.INVALID_ARGUMENT),
     ValidationError: ErrorKind(422, grpc.StatusCode.INVALID_ARGUMENT, _validation_message),

@@ -17,6 +17,7 @@ from model_store.engines import open_engine
 from model_store.engines.base import EngineError
 from model_store.generation import Engine
 from model_store.userstate.connect import EmbeddedRedis, redis_url_or_embedded
+from service.events import Events
 from service.profiles import Profiles
 from service.recommendations import Recommendations
 from service.settings import Settings
@@ -36,6 +37,7 @@ class Runtime:
     embedded: EmbeddedRedis | None = None
     recommendations: Recommendations | None = None
     profiles: Profiles | None = None
+    events: Events | None = None
     grpc_server: Any = None
     grpc_port: int = 0
     started: float = field(default_factory=time.monotonic)
@@ -53,8 +55,11 @@ class Runtime:
         self.profiles = Profiles(
             self.recommendations.users, self.store, self.recommendations.catalog
         )
+        self.events = Events(
+            self.recommendations.catalog, self.store, int(s.event_dedup_hours * 3600)
+        )
         self.grpc_server, self.grpc_port = await start_grpc(
-            self.recommendations, s.host, s.grpc_port, s.api_keys
+            self.recommendations, self.events, s.host, s.grpc_port, s.api_keys
         )
         log.info(
             "ready",

@@ -1,0 +1,112 @@
+"""Listening events in: validated one by one, deduplicated by id, logged and made visible
+to the user's next request in one Redis step.
+
+A bad event (malformed, unknown item) is rejected by its index and the rest are kept, so a
+device that batches events never loses the good ones to one bad one. Unknown users are
+welcome: events are how new users arrive.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
+
+from model_store.catalog import Catalog
+from service import metrics
+from service.schemas import USER_ID, ItemUri, Strict
+from service.userstore import LoggedEvent, StoreUnavailable, UserStore
+
+MAX_EVENTS = 500
+EVENT_ID = r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$"
+EventType = Literal["play", "finish", "skip", "like", "dislike"]
+
+
+class Event(Strict):
+    event_id: str = Field(pattern=EVENT_ID, description="Unique per event; repeats count once.")
+    user_id: str = Field(pattern=USER_ID, examples=["196"])
+    item: ItemUri = Field(examples=["ml-100k:movie:50"])
+    type: EventType
+    ts: float | None = Field(
+        None, ge=0, description="Seconds since the epoch; the time of arrival when absent."
+    )
+
+
+class EventsRequest(Strict):
+    events: list[Annotated[Event | Any, Field(union_mode="left_to_right")]] = Field(
+        min_length=1,
+        max_length=MAX_EVENTS,
+        description="Events as `Event` objects; a malformed one is rejected by its index.",
+    )
+
+
+class Rejected(BaseModel):
+    index: int
+    error: str
+
+
+class EventsAccepted(BaseModel):
+    accepted: int = Field(description="Events logged now.")
+    duplicates: int = Field(description="Events whose id was seen before (counted once).")
+    rejected: list[Rejected]
+
+
+class EventsUnavailable(Exception):
+    """Events cannot be stored: Redis is down."""
+
+
+_EVENT = TypeAdapter(Event)
+
+
+class Events:
+    def __init__(self, catalog: Catalog, store: UserStore | None, dedup_s: int) -> None:
+        self.catalog = catalog
+        self.store = store
+        self.dedup_s = dedup_s
+
+    async def ingest(self, raw: Sequence[Any]) -> EventsAccepted:
+        """Validates each event, then logs the valid ones in one round trip."""
+        valid, rejected = self._validate(raw)
+        if self.store is None:
+            raise EventsUnavailable("no Redis configured")
+        duplicates = 0
+        if valid:
+            try:
+                ids, length = await self.store.append_events(valid, self.dedup_s)
+            except StoreUnavailable as e:
+                metrics.EVENTS.labels("any", "unavailable").inc(len(valid))
+                raise EventsUnavailable(str(e)) from e
+            metrics.EVENT_LOG_LENGTH.set(length)
+            for event, entry in zip(valid, ids, strict=True):
+                metrics.EVENTS.labels(event.type, "accepted" if entry else "duplicate").inc()
+            duplicates = sum(entry is None for entry in ids)
+        return EventsAccepted(
+            accepted=len(valid) - duplicates, duplicates=duplicates, rejected=rejected
+        )
+
+    def _validate(self, raw: Sequence[Any]) -> tuple[list[LoggedEvent], list[Rejected]]:
+        now = time.time()
+        valid: list[LoggedEvent] = []
+        rejected: list[Rejected] = []
+        for index, item in enumerate(raw):
+            try:
+                event = item if isinstance(item, Event) else _EVENT.validate_python(item)
+            except ValidationError as e:
+                rejected.append(Rejected(index=index, error=_first_error(e)))
+                continue
+            if event.item not in self.catalog.uri_index:
+                rejected.append(Rejected(index=index, error=f"unknown item {event.item!r}"))
+                continue
+            ts = event.ts if event.ts is not None else now
+            valid.append(LoggedEvent(event.event_id, event.user_id, event.item, event.type, ts))
+        for _ in rejected:
+            metrics.EVENTS.labels("any", "rejected").inc()
+        return valid, rejected
+
+
+def _first_error(e: ValidationError) -> str:
+    err = e.errors()[0]
+    where = ".".join(str(part) for part in err["loc"])
+    return f"{where}: {err['msg']}" if where else str(err["msg"])

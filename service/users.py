@@ -61,7 +61,8 @@ class UserReader:
         embedding = state.embedding
         history = self._history(user, state)
         if embedding is None and not trace.degraded:
-            trace.degrade("unknown_user" if user is None else "no_embedding")
+            known = user is not None or bool(history)  # in the bundle, or has sent events
+            trace.degrade("no_embedding" if known else "unknown_user")
         if current_item is not None:
             current = self.catalog.item_index(current_item)
             if not history or history[-1] != current:

@@ -136,6 +136,7 @@ def test_a_new_user_with_plays_is_served_from_them(live: Live) -> None:
     assert live.events([_event(user, uri) for uri in plays]).json()["accepted"] == 5
     answer = live.recommend(user)
     assert answer["served_by"] == "prompt-only"  # until the daily job embeds them
+    assert answer["degraded"] == ["no_embedding"]
     assert not set(plays) & set(_uris(answer))
 
 

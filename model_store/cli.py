@@ -173,6 +173,49 @@ def eval_command(
     typer.echo(json.dumps({"seconds": round(time.perf_counter() - start, 1), "out": str(target)}))
 
 
+@app.command("embed-users")
+def embed_users_command(
+    bundle_dir: Annotated[Path, typer.Argument(help="Bundle directory.")],
+    redis_url: Annotated[
+        str | None, typer.Option(envvar="REDIS_URL", help="Redis URL (default: embedded).")
+    ] = None,
+    redis_db: Annotated[
+        Path, typer.Option(envvar="GENREC_REDIS_DB", help="Embedded Redis file.")
+    ] = Path("data/redis.db"),
+    address: Annotated[
+        str | None, typer.Option(help="Ray cluster address (default: a local Ray).")
+    ] = None,
+    workers: Annotated[int, typer.Option(help="Embedding actors.")] = 2,
+    batch_size: Annotated[int, typer.Option(help="Users per actor batch.")] = 4096,
+    snapshots: Annotated[
+        Path, typer.Option(help="Parquet snapshots of the published histories.")
+    ] = Path("data/snapshots"),
+    history_len: int = 1000,
+) -> None:
+    """Recompute every user's embedding from their latest history (the event log since the
+    last run) on Ray Data, and publish it as a new version (the daily batch job)."""
+    from model_store.bundle import BundleError, load_bundle
+    from model_store.embed_users import EmbedOptions, embed_users
+    from model_store.userstate.connect import redis_url_or_embedded
+
+    try:
+        bundle = load_bundle(bundle_dir)
+    except BundleError as e:
+        raise fail(str(e)) from e
+    options = EmbedOptions(snapshots, address, workers, batch_size, history_len)
+    url, embedded = redis_url_or_embedded(redis_url, redis_db)
+    try:
+        report = embed_users(bundle, url, options)
+    finally:
+        if embedded is not None:
+            embedded.close()
+    typer.echo(
+        f"embedded {report.users} users ({report.new_users} new, {report.events} events) as "
+        f"{report.version} in {report.seconds:.1f} s ({report.users_per_s:,.0f} users/s); "
+        f"checkpoint {report.checkpoint}; deleted old versions: {report.deleted_versions}"
+    )
+
+
 def main() -> None:
     app()
 

@@ -4,16 +4,20 @@ at once over REST and gRPC, count once per id, and reach the durable log."""
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 import httpx
+import pyarrow as pa
 import pytest
 
 from model_store.bundle import Bundle
+from model_store.embed_users import EmbedBatch, EmbedOptions, embed_users
 from model_store.userstate.connect import sync_client
 from model_store.userstate.keys import EVENT_LOG
 from service.proto import next_episode_pb2 as pb
@@ -138,6 +142,51 @@ def test_a_new_user_with_plays_is_served_from_them(live: Live) -> None:
     assert answer["served_by"] == "prompt-only"  # until the daily job embeds them
     assert answer["degraded"] == ["no_embedding"]
     assert not set(plays) & set(_uris(answer))
+
+
+def _slow_first_batch(delay_s: float) -> type[EmbedBatch]:
+    """An actor class that holds its first batch a while (made here, so Ray ships it to the
+    workers by value): room for events to arrive while the run is under way."""
+
+    class SlowFirstBatch(EmbedBatch):
+        def __call__(self, batch: pa.Table) -> pa.Table:
+            if not getattr(self, "waited", False):
+                self.waited = True
+                time.sleep(delay_s)
+            return super().__call__(batch)
+
+    return SlowFirstBatch
+
+
+def _history(live: Live, user: str) -> list[str]:
+    r = httpx.get(f"{live.service.base}/v1/ui/map", params={"user_id": user, "k": 0}, timeout=30)
+    assert r.status_code == 200, r.text
+    return list(r.json()["history"])
+
+
+def test_the_daily_run_embeds_new_users_and_loses_no_event(live: Live, tmp_path: Path) -> None:
+    user = "daily-newcomer"
+    uris = [str(u) for u in live.bundle.catalog["uri"]]
+    before, during = uris[20:25], uris[30:33]
+    assert live.events([_event(user, uri) for uri in before]).json()["accepted"] == 5
+    assert live.recommend(user)["served_by"] == "prompt-only"
+    options = EmbedOptions(snapshots=tmp_path / "snapshots", workers=2, batch_size=32)
+
+    def send_during_the_run() -> int:
+        time.sleep(1.0)  # the run has read the log by now; its first batch is being held
+        return int(live.events([_event(user, uri) for uri in during]).json()["accepted"])
+
+    with ThreadPoolExecutor(1) as pool:
+        sent = pool.submit(send_during_the_run)
+        report = embed_users(live.bundle, live.redis.url, options, _slow_first_batch(4.0))
+        assert sent.result() == 3
+    log = sync_client(live.redis.url).xrange(EVENT_LOG, min=f"({report.checkpoint}")
+    assert len(log) >= 3  # the events sent during the run came after its checkpoint
+    assert report.new_users >= 1 and report.checkpoint != "0-0"
+    answer = live.recommend(user)
+    assert answer["served_by"] == "generative" and answer["degraded"] == []
+    assert not set(before + during) & set(_uris(answer))
+    assert _history(live, user) == before + during  # each event once, across the flip
 
 
 def test_event_metrics_are_exported(live: Live) -> None:

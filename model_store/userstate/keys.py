@@ -9,6 +9,7 @@ constants), so the three can never disagree.
 * ``emb:{version}:{user}``   → the user's embedding, float16 bytes
 * ``hist:{version}:{user}``  → the user's recent item indices (bundle indices), int32 bytes
 * ``emb:meta:{version}``     → hash {checkpoint, snapshot, users, published_at} of a version
+* ``emb:job``                → the lock of the running daily job (one run at a time)
 * ``profile:{user}``         → taste-profile edits: hash {rev, edits (JSON)}, not versioned
 
 Histories are versioned with the embeddings because item indices belong to one bundle.
@@ -42,6 +43,8 @@ PROFILE = "profile"
 CURRENT = f"{EMB}:current"
 VERSIONS = f"{EMB}:versions"
 EVENT_LOG = "events:log"
+JOB_LOCK = f"{EMB}:job"
+"""Held by the running `embed-users` job (a redis-py lock with an expiry)."""
 LIVE_MAX = 500
 """Live events kept per user: more than a day of listening between two daily runs."""
 

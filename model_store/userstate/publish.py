@@ -185,13 +185,23 @@ class _Pipelined:
 def _delete_old_versions(client: redis.Redis) -> list[str]:
     stale = [v.decode() for v in client.lrange(VERSIONS, KEEP_VERSIONS, -1)]  # type: ignore[union-attr]
     for version in stale:
-        for pattern in (versioned_key(EMB, version, "*"), versioned_key(HIST, version, "*")):
-            keys = list(client.scan_iter(match=pattern, count=10_000))
-            for part in _chunks(len(keys), 10_000):
-                client.unlink(*keys[part])
-        client.unlink(meta_key(version))
-        client.lrem(VERSIONS, 0, version)
+        delete_version(client, version)
     return stale
+
+
+def delete_version(client: redis.Redis, version: str, chunk: int = 10_000) -> None:
+    """Every key of `version` (embeddings, histories, meta) and its place in the list."""
+    for kind in (EMB, HIST):
+        batch: list[bytes] = []
+        for key in client.scan_iter(match=versioned_key(kind, version, "*"), count=chunk):
+            batch.append(key)
+            if len(batch) >= chunk:
+                client.unlink(*batch)
+                batch = []
+        if batch:
+            client.unlink(*batch)
+    client.unlink(meta_key(version))
+    client.lrem(VERSIONS, 0, version)
 
 
 def publish_bundle(client: redis.Redis, bundle: Bundle, history_len: int = 1000) -> PublishReport:

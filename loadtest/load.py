@@ -219,6 +219,11 @@ class Outcome:
     degraded: list[str] = field(default_factory=list)
     timings_ms: dict[str, float] = field(default_factory=dict)
     error: str | None = None
+    retry_after: str | None = None  # what a refusal (503, 429) said about coming back
+
+
+REFUSED = frozenset({"503", "429", "RESOURCE_EXHAUSTED"})
+"""Statuses of an overloaded or rate-limited gateway: the request was turned away at once."""
 
 
 class Client(Protocol):
@@ -233,7 +238,9 @@ Send = Callable[[RequestSpec], Awaitable[Outcome]]
 class RestClient:
     """httpx over keep-alive connections, as many as there can be requests in flight."""
 
-    def __init__(self, base_url: str, k: int, timeout_s: float, connections: int) -> None:
+    def __init__(
+        self, base_url: str, k: int, timeout_s: float, connections: int, api_key: str | None = None
+    ) -> None:
         import httpx
 
         self._httpx = httpx
@@ -242,6 +249,7 @@ class RestClient:
             base_url=base_url.rstrip("/"),
             timeout=timeout_s,
             limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
+            headers={"Authorization": f"Bearer {api_key}"} if api_key else None,
         )
 
     async def __call__(self, spec: RequestSpec) -> Outcome:
@@ -250,7 +258,8 @@ class RestClient:
         except self._httpx.HTTPError as e:
             return Outcome(False, type(e).__name__, error=str(e)[:300] or type(e).__name__)
         if r.status_code != 200:
-            return Outcome(False, str(r.status_code), error=r.text[:300])
+            retry = r.headers.get("retry-after")
+            return Outcome(False, str(r.status_code), error=r.text[:300], retry_after=retry)
         try:
             data = r.json()
         except ValueError:
@@ -278,7 +287,7 @@ class RestClient:
 class GrpcClient:
     """One grpc.aio channel (HTTP/2 multiplexes every in-flight call on it)."""
 
-    def __init__(self, target: str, k: int, timeout_s: float) -> None:
+    def __init__(self, target: str, k: int, timeout_s: float, api_key: str | None = None) -> None:
         import grpc
 
         from service.proto import next_episode_pb2 as pb
@@ -289,6 +298,7 @@ class GrpcClient:
         self.target = target
         self.k = k
         self.timeout_s = timeout_s
+        self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else None
         self.channel = grpc.aio.insecure_channel(target)
         self.stub = pb_grpc.NextEpisodeStub(self.channel)
 
@@ -297,9 +307,10 @@ class GrpcClient:
             user_id=spec.user_id, current_item_uri=spec.current_item or "", k=self.k
         )
         try:
-            resp = await self.stub.Next(request, timeout=self.timeout_s)
+            resp = await self.stub.Next(request, timeout=self.timeout_s, metadata=self.metadata)
         except self._grpc.aio.AioRpcError as e:
-            return Outcome(False, e.code().name, error=(e.details() or "")[:300])
+            retry = dict(e.trailing_metadata() or ()).get("retry-after")
+            return Outcome(False, e.code().name, error=(e.details() or "")[:300], retry_after=retry)
         return Outcome(True, "OK", served_by=resp.served_by, degraded=list(resp.degraded))
 
     async def ready(self) -> None:
@@ -335,6 +346,7 @@ class Record:
     degraded: list[str]
     timings_ms: dict[str, float]
     error: str | None
+    retry_after: str | None = None
 
 
 def _record(
@@ -353,6 +365,7 @@ def _record(
         degraded=out.degraded,
         timings_ms=out.timings_ms,
         error=out.error,
+        retry_after=out.retry_after,
     )
 
 
@@ -459,6 +472,7 @@ def summarize(records: Sequence[Record], duration_s: float) -> dict[str, Any]:
     in_server = [r for r in ok if "total" in r.timings_ms]
     transport = [r.service_ms - r.timings_ms["total"] for r in in_server]
     errors = [r for r in records if not r.ok]
+    refused = [r for r in errors if r.status in REFUSED]
     return {
         "requests": n,
         "ok": len(ok),
@@ -473,6 +487,11 @@ def summarize(records: Sequence[Record], duration_s: float) -> dict[str, Any]:
         "degraded": dict(Counter(d for r in ok for d in r.degraded).most_common()),
         "kinds": dict(Counter(r.kind for r in records).most_common()),
         "status": dict(Counter(r.status for r in records).most_common()),
+        "refused": {
+            "share": round(len(refused) / n, 4) if n else None,
+            "with_retry_after": sum(r.retry_after is not None for r in refused),
+            "latency_ms": percentiles(r.latency_ms for r in refused),
+        },
         "latency_by_kind_ms": {
             kind: percentiles((r.latency_ms for r in ok if r.kind == kind), (50, 95))
             for kind in KINDS
@@ -629,6 +648,10 @@ def print_report(report: Mapping[str, Any]) -> None:
         ("served_by", ", ".join(f"{k} {v}" for k, v in report["served_by"].items()) or "-"),
         ("degraded", ", ".join(f"{k} {v}" for k, v in report["degraded"].items()) or "-"),
         ("status", ", ".join(f"{k} {v}" for k, v in report["status"].items()) or "-"),
+        (
+            "refused (503/429): share, with Retry-After",
+            f"{_fmt(report['refused']['share'])}, {report['refused']['with_retry_after']}",
+        ),
     ]
     for row in rows:
         main.add_row(*row)
@@ -699,6 +722,7 @@ async def run_load_async(
     metrics_url: str | None = None,
     out_dir: Path | None = None,
     client: Client | None = None,
+    api_key: str | None = None,
 ) -> dict[str, Any]:
     """One load run; see `run_load`. `client` replaces the transport (for tests)."""
     protocol = Transport(protocol)
@@ -718,9 +742,9 @@ async def run_load_async(
     if client is None:
         in_flight = concurrency or max(64, math.ceil((rate or 1.0) * timeout_s))
         if protocol == Transport.rest:
-            client = RestClient(target, k, timeout_s, in_flight)
+            client = RestClient(target, k, timeout_s, in_flight, api_key)
         else:
-            client = GrpcClient(target, k, timeout_s)
+            client = GrpcClient(target, k, timeout_s, api_key)
     duration = duration_s if duration_s > 0 else math.inf
 
     async def phase(seconds: float, limit: int | None) -> tuple[list[Record], float]:
@@ -838,6 +862,9 @@ def main(
     out: Annotated[Path, typer.Option(help="Directory for load.json and the CDF.")] = Path(
         "loadout"
     ),
+    api_key: Annotated[
+        str | None, typer.Option(envvar="GENREC_API_KEY", help="Sent as Bearer (REST, gRPC).")
+    ] = None,
 ) -> None:
     """Send load to a local gateway and report latency, throughput and stage timings."""
     if target is None:
@@ -862,6 +889,7 @@ def main(
             timeout_s=timeout,
             metrics_url=metrics_url or None,
             out_dir=out,
+            api_key=api_key,
         )
     except LoadError as e:
         typer.echo(f"error: {e}", err=True)

@@ -3,7 +3,8 @@
 Requests that arrive while a search runs wait in the queue; the next search takes all of
 them (up to `max_batch`) as one batched beam search, so concurrent requests share every
 engine call instead of taking turns. A request whose deadline passed while it waited is
-dropped before it costs anything.
+dropped before it costs anything. Each batch's time feeds the admission control
+(`service.admission`), which refuses requests the engine could not serve in time.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import structlog
 
 from model_store.generation import Beam, Engine, Prompt, SearchStats
 from service import metrics
+from service.admission import Admission
 
 log = structlog.get_logger(__name__)
 
@@ -51,8 +53,15 @@ class _Job:
 
 
 class Batcher:
-    def __init__(self, engine: Engine, search: Search, max_batch: int = 16) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        search: Search,
+        max_batch: int = 16,
+        admission: Admission | None = None,
+    ) -> None:
         self.engine = engine
+        self.admission = admission or Admission(max_queue=1 << 30)  # no limit on the line
         self._search = search
         self._max_batch = max_batch
         self._queue: queue.Queue[_Job | None] = queue.Queue()
@@ -102,6 +111,7 @@ class Batcher:
     def _run(self) -> None:
         while (batch := self._take_batch()) is not None:
             now = time.monotonic()
+            searched = 0
             live = []
             for job in batch:
                 if not job.future.set_running_or_notify_cancel():
@@ -112,9 +122,11 @@ class Batcher:
                 else:
                     live.append(job)
             for width in sorted({j.beam_width for j in live}):
-                self._search_group([j for j in live if j.beam_width == width], width)
+                searched += self._search_group([j for j in live if j.beam_width == width], width)
+            self.admission.observe(searched, time.monotonic() - now)
 
-    def _search_group(self, jobs: list[_Job], width: int) -> None:
+    def _search_group(self, jobs: list[_Job], width: int) -> int:
+        """Searches `jobs` together; how many were searched (none when the engine failed)."""
         metrics.BATCH_SIZE.observe(len(jobs))
         stats = SearchStats()
         try:
@@ -124,10 +136,11 @@ class Batcher:
             log.warning("engine search failed", error=repr(e), requests=len(jobs))
             for job in jobs:
                 job.future.set_exception(e)
-            return
+            return 0
         metrics.BEAM_STEPS.inc(stats.engine_calls)
         metrics.BEAM_ROWS.inc(sum(stats.rows_scored))
         for level, seconds in enumerate(stats.level_seconds):
             metrics.BEAM_LEVEL_SECONDS.labels(str(level)).observe(seconds)
         for job, beams in zip(jobs, results, strict=True):
             job.future.set_result(Searched(beams, stats.level_seconds))
+        return len(jobs)

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 import typer
 
 from model_store import cli as offline
+from model_store.bundle import Bundle
 from model_store.cli import Preset, fail, load_named_dataset, set_threads
 from model_store.userstate.connect import redis_url_or_embedded
 from service.settings import Settings
@@ -37,41 +38,52 @@ def publish_embeddings(
         Path, typer.Option(envvar="GENREC_REDIS_DB", help="Embedded Redis file.")
     ] = Path("data/redis.db"),
     history_len: int = 1000,
+    force: Annotated[
+        bool, typer.Option(help="Publish even when a version of this bundle is current.")
+    ] = False,
 ) -> None:
-    """Write every user's embedding and recent history to Redis under a new version, then
-    make it current (the daily batch job)."""
+    """The daily job's first run, without Ray: the bundle's own user embeddings and histories
+    under a new version, made current in one step. Skipped when a version of this bundle is
+    already current, so a redeploy never undoes what `embed-users` runs have consumed."""
     from model_store.bundle import BundleError, load_bundle
-    from model_store.userstate.connect import sync_client
-    from model_store.userstate.publish import publish_bundle
 
     try:
         bundle = load_bundle(bundle_dir)
     except BundleError as e:
         raise fail(str(e)) from e
     url, embedded = redis_url_or_embedded(redis_url, redis_db)
-    report = publish_bundle(sync_client(url), bundle, history_len)
-    typer.echo(
+    try:
+        typer.echo(_first_run(url, bundle, history_len, force))
+    finally:
+        if embedded is not None:
+            embedded.close()
+
+
+def _first_run(url: str, bundle: Bundle, history_len: int, force: bool) -> str:
+    """Publishes the bundle's users unless a version of this bundle is current already."""
+    from model_store.userstate.connect import sync_client
+    from model_store.userstate.keys import CURRENT, bundle_of
+    from model_store.userstate.publish import publish_bundle
+
+    client = sync_client(url)
+    raw = client.get(CURRENT)
+    current = raw.decode() if isinstance(raw, bytes) else None
+    if current is not None and bundle_of(current) == bundle.version and not force:
+        return f"kept {current}: a version of this bundle is current (--force to replace)"
+    report = publish_bundle(client, bundle, history_len)
+    return (
         f"published {report.users} users as {report.version} in {report.seconds:.3f} s "
         f"({report.users_per_s:,.0f} users/s); deleted old versions: {report.deleted_versions}"
     )
-    if embedded is not None:
-        embedded.close()
 
 
 def _serve(settings: Settings, announce: str | None = None) -> None:
-    import uvicorn
-
     from service.api.app import create_app
+    from service.api.runtime import run_server
 
     # The engine core in the gateway's process: the simplest shape, and ~3x faster to start.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    uvicorn.run(
-        create_app(settings, announce=announce),
-        host=settings.host,
-        port=settings.port,
-        log_level="warning",
-        access_log=False,
-    )
+    run_server(create_app(settings, announce=announce))
 
 
 @online.command()
@@ -158,8 +170,6 @@ def demo(
     from model_store import data
     from model_store.build import build
     from model_store.config import PRESETS
-    from model_store.userstate.connect import sync_client
-    from model_store.userstate.publish import publish_bundle
 
     settings = _settings(bundle=bundle, port=port, grpc_port=grpc_port)
     if not (bundle / "manifest.json").is_file():
@@ -174,8 +184,7 @@ def demo(
     from model_store.bundle import load_bundle
 
     url, embedded = redis_url_or_embedded(settings.redis_url, settings.redis_db)
-    report = publish_bundle(sync_client(url), load_bundle(bundle), settings.history_len)
-    typer.echo(f"published {report.users} user embeddings ({report.users_per_s:,.0f} users/s)")
+    typer.echo(_first_run(url, load_bundle(bundle), settings.history_len, force=False))
     users = set(load_bundle(bundle).users["user_id"].astype(str))
     sample = "196" if "196" in users else sorted(users)[0]
     body = json.dumps({"user_id": sample, "k": 10})

@@ -110,6 +110,18 @@ def embedding_published(at: float) -> None:
 
 
 INFLIGHT = Gauge("genrec_inflight_requests", "Requests being served right now.", registry=REGISTRY)
+ADMITTED = Gauge(
+    "genrec_admitted_requests",
+    "Requests admitted to the engine's line and not yet answered.",
+    registry=REGISTRY,
+)
+SHED = Counter(
+    "genrec_shed",
+    "Requests refused at once: deadline (the engine's expected wait is past the deadline), "
+    "queue_full, rate_limit (the API key's rate).",
+    ["reason"],
+    registry=REGISTRY,
+)
 BUNDLE = Info("genrec_bundle", "The bundle being served.", registry=REGISTRY)
 
 

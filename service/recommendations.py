@@ -11,10 +11,14 @@ Every degraded path is explicit: the response's `served_by` says which path answ
   → prompt-only generation (context + history, no soft token);
 * engine error or past the deadline → ANN over the user-model item vectors, or popularity
   when there is no user vector either.
+
+A request the engine could not serve before its deadline is not degraded but refused at
+once (`service.admission.Overloaded`), so the ones admitted keep their latency.
 """
 
 from __future__ import annotations
 
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -22,11 +26,13 @@ import structlog
 
 from model_store.bundle import Bundle
 from model_store.catalog import Catalog
+from model_store.engines.base import EngineError
 from model_store.generation import Beam, Engine, Prompt
 from model_store.prompts import MODES
 from model_store.recommend import Recommender
 from model_store.vocab import words_of
 from service import metrics, rules, taste
+from service.admission import Admission
 from service.batcher import Batcher, DeadlineExceeded
 from service.ranking import Ranker, first_of_each
 from service.rules import Candidate, ItemFacts, RuleInput, Rules
@@ -89,13 +95,13 @@ class Recommendations:
         markets, min_age = rules.load_availability(
             settings.availability_file, catalog.uri_index, len(catalog)
         )
-        metrics.BUNDLE.info({"version": bundle.version, "dataset": str(bundle.manifest["dataset"])})
+        admission = Admission(settings.max_queue, settings.max_wait_share)
         return cls(
             bundle=bundle,
             catalog=catalog,
             core=core,
             users=UserReader(bundle, catalog, store),
-            batcher=Batcher(engine, core.generate, settings.max_batch),
+            batcher=Batcher(engine, core.generate, settings.max_batch, admission),
             ranker=Ranker(core, catalog),
             rules=Rules(settings.rules),
             facts=ItemFacts(catalog.genres, catalog.creators, markets, min_age),
@@ -103,7 +109,18 @@ class Recommendations:
         )
 
     def warm(self) -> None:
+        """Loads the sentence encoder and searches through the engine worker, so the first
+        request is not the slow one and admission starts from a warm engine's cost."""
         self.ranker.warm()
+        prompt = self.core.prompt(MODES["prompt"], [], None, None)
+        width = self.settings.beam_width
+        for _ in range(2):
+            self.batcher.admission.forget()
+            try:
+                self.batcher.submit(prompt, width, (), time.monotonic() + 60.0).result()
+            except EngineError as e:  # a remote engine not up yet: requests fall back meanwhile
+                log.warning("engine warm-up search failed", error=str(e))
+                return
 
     def close(self) -> None:
         self.batcher.close()
@@ -138,10 +155,11 @@ class Recommendations:
         self, user_id: str, context: RequestContext | None, ask: Ask, request_id: str | None = None
     ) -> RecommendationResponse:
         trace = Trace()
-        facts = await self.users.read(user_id, trace, context, ask.current_item)
-        request = self._rule_input(facts, ask)
-        seen = set(facts.history)
-        beams, served_by = await self._generate(facts, ask, request, trace)
+        with self.batcher.admission.admitted(self._deadline(trace)):
+            facts = await self.users.read(user_id, trace, context, ask.current_item)
+            request = self._rule_input(facts, ask)
+            seen = set(facts.history)
+            beams, served_by = await self._generate(facts, ask, request, trace)
         with trace.stage("fallback"):
             path, backfill = self.ranker.backfill(facts, seen, 3 * ask.k + len(ask.excluded))
         if not beams:
@@ -163,6 +181,9 @@ class Recommendations:
             items=[self._item(c) for c in kept],
             timings_ms=trace.finish(served_by),
         )
+
+    def _deadline(self, trace: Trace) -> float:
+        return trace.started + self.settings.deadline_ms / 1000.0
 
     def _rule_input(self, facts: UserFacts, ask: Ask) -> RuleInput:
         return RuleInput(
@@ -187,11 +208,10 @@ class Recommendations:
         with trace.stage("project"):
             prompt = self._prompt(facts, ask)
         width = max(ask.beam_width or self.settings.beam_width, ask.k)
-        deadline = trace.started + self.settings.deadline_ms / 1000.0
         try:
             with trace.stage("generate"):
                 searched = await self.batcher.search(
-                    prompt, width, self.rules.cut_from_search(request), deadline
+                    prompt, width, self.rules.cut_from_search(request), self._deadline(trace)
                 )
         except DeadlineExceeded:
             trace.degrade("engine_deadline")

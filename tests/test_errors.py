@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+import re
+
 import grpc
 import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from pydantic import BaseModel, ValidationError
 
+from model_store.bundle import BundleError
 from model_store.catalog import UnknownItem
+from service.admission import Overloaded
 from service.api import errors
-from service.api.errors import ERRORS, BadRevision, kind_of
-from service.api.routes.profiles import revision
+from service.api.auth import Forbidden, Quota, RateLimited, Unauthenticated
+from service.api.errors import ERRORS, kind_of
+from service.api.routes.profiles import IF_MATCH, revision
+from service.api.serving import BundleNotFound, OutsideRoot, RolloutBusy
+from service.events import EventsUnavailable
 from service.profiles import ProfileUnavailable, StaleRevision
 
 
@@ -54,7 +61,51 @@ CASES: list[tuple[Exception, int, grpc.StatusCode, str, object]] = [
         "taste profile unavailable: redis is down",
         None,
     ),
-    (BadRevision("not a number"), 400, grpc.StatusCode.INVALID_ARGUMENT, "not a number", None),
+    (
+        EventsUnavailable("redis is down"),
+        503,
+        grpc.StatusCode.UNAVAILABLE,
+        "events unavailable: redis is down",
+        None,
+    ),
+    (
+        Overloaded("deadline", 2.2, "overloaded: the engine is busy"),
+        503,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "overloaded: the engine is busy",
+        {"reason": "deadline", "retry_after_s": 3},
+    ),
+    (Unauthenticated("no key"), 401, grpc.StatusCode.UNAUTHENTICATED, "no key", None),
+    (
+        Forbidden("admin"),
+        403,
+        grpc.StatusCode.PERMISSION_DENIED,
+        "this API key lacks the 'admin' scope",
+        {"scope": "admin"},
+    ),
+    (
+        RateLimited(Quota(limit=5, remaining=0, reset_s=4)),
+        429,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "rate limit of 5 reached; retry in 4 s",
+        {"retry_after_s": 4},
+    ),
+    (BundleNotFound("no bundle 'x'"), 404, grpc.StatusCode.NOT_FOUND, "no bundle 'x'", None),
+    (
+        OutsideRoot("'..' is outside"),
+        403,
+        grpc.StatusCode.PERMISSION_DENIED,
+        "'..' is outside",
+        None,
+    ),
+    (
+        BundleError("b/catalog.parquet: sha256 does not match"),
+        422,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "bundle refused: b/catalog.parquet: sha256 does not match",
+        None,
+    ),
+    (RolloutBusy("busy"), 409, grpc.StatusCode.ABORTED, "busy", None),
     (
         validation_error(),
         422,
@@ -84,8 +135,22 @@ def test_each_domain_error_maps_to_its_status_code_and_body(
 def test_kind_of_walks_base_classes_and_leaves_the_rest_to_the_server() -> None:
     assert kind_of(GoneItem("ml-100k:movie:1")) is ERRORS[UnknownItem]
     assert kind_of(RuntimeError("boom")) is None
-    assert kind_of(ValueError("BadRevision's base is not in the table")) is None
+    assert kind_of(ValueError("BundleError's base is not in the table")) is None
     assert kind_of(KeyError("UnknownItem's sibling")) is None
+    assert kind_of(BundleNotFound("x")) is ERRORS[BundleNotFound]  # not its base's 422
+
+
+def test_refusals_say_when_to_come_back() -> None:
+    overloaded = Overloaded("queue_full", 0.2, "full")
+    assert ERRORS[Overloaded].headers(overloaded) == {"Retry-After": "1"}  # at least 1 s
+    limited = RateLimited(Quota(limit=5, remaining=0, reset_s=4))
+    assert ERRORS[RateLimited].headers(limited) == {
+        "Retry-After": "4",
+        "RateLimit-Limit": "5",
+        "RateLimit-Remaining": "0",
+        "RateLimit-Reset": "4",
+    }
+    assert ERRORS[UnknownItem].headers(UnknownItem("x")) == {}
 
 
 def app_raising() -> FastAPI:
@@ -96,7 +161,7 @@ def app_raising() -> FastAPI:
         "gone": GoneItem("ml-100k:movie:1"),
         "stale": StaleRevision(1, 3),
         "unavailable": ProfileUnavailable("no Redis configured"),
-        "bad-revision": BadRevision("If-Match must be a revision number"),
+        "overloaded": Overloaded("deadline", 1.5, "overloaded"),
         "validation": validation_error(),
         "boom": RuntimeError("boom"),
     }
@@ -143,7 +208,11 @@ def client() -> TestClient:
             503,
             {"error": "taste profile unavailable: no Redis configured", "detail": None},
         ),
-        ("bad-revision", 400, {"error": "If-Match must be a revision number", "detail": None}),
+        (
+            "overloaded",
+            503,
+            {"error": "overloaded", "detail": {"reason": "deadline", "retry_after_s": 2}},
+        ),
     ],
 )
 def test_installed_handlers_answer_with_status_and_error_body(
@@ -178,7 +247,31 @@ def test_revision_reads_if_match(header: str | None, expected: int | None) -> No
     assert revision(header) == expected
 
 
-@pytest.mark.parametrize("header", ["abc", "null", "", '"-1"', '"3.0"', 'W/"x"'])
-def test_revision_refuses_what_is_not_a_number(header: str) -> None:
-    with pytest.raises(BadRevision, match="If-Match must be a revision number"):
-        revision(header)
+@pytest.mark.parametrize("header", ["abc", "null", "", '"-1"', '"3.0"', 'W/"x"', '"3', "*"])
+def test_if_match_refuses_what_is_not_a_revision(header: str) -> None:
+    assert re.fullmatch(IF_MATCH, header) is None
+    for good in ('"3"', 'W/"3"', "3", ' "12" ', '"0"'):
+        assert re.fullmatch(IF_MATCH, good)
+
+
+def test_framework_answers_get_the_error_shape_and_a_405_lists_every_method() -> None:
+    app = FastAPI()
+    errors.install(app)
+
+    @app.get("/thing")
+    async def read_thing() -> int:
+        return 1
+
+    @app.patch("/thing")
+    async def patch_thing(body: Pair) -> int:
+        return 2
+
+    client = TestClient(app)
+    for method in ("OPTIONS", "DELETE", "POST", "HEAD"):
+        r = client.request(method, "/thing")
+        assert r.status_code == 405 and (method == "HEAD" or r.json()["error"])
+        assert r.headers["allow"] == "GET, PATCH"
+    r = client.get("/nowhere")
+    assert r.status_code == 404 and r.json() == {"error": "not found", "detail": None}
+    r = client.patch("/thing", content=b"\xff\xfe", headers={"content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["detail"][0]["type"] == "json_invalid"

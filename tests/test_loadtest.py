@@ -220,7 +220,21 @@ def test_summary_counts_rates_and_stages() -> None:
     # latency − server total: 5, 5, 6
     assert rep["transport_overhead_ms"]["p50"] == 5.0 and rep["transport_overhead_ms"]["n"] == 3
     assert rep["error_samples"][0]["status"] == "503"
+    assert rep["refused"]["share"] == 0.25 and rep["refused"]["with_retry_after"] == 0
+    assert rep["refused"]["latency_ms"]["p50"] == 5.0
     json.dumps(rep)  # JSON-ready
+
+
+def test_refusals_are_counted_with_their_retry_after() -> None:
+    records = [
+        _record("known", 30.0),
+        _record("known", 2.0, ok=False, retry_after="2"),
+        _record("known", 1.0, ok=False, status="429", retry_after="1"),
+        _record("known", 900.0, ok=False, status="ReadTimeout"),
+    ]
+    rep = summarize(records, duration_s=1.0)
+    assert rep["refused"]["share"] == 0.5 and rep["refused"]["with_retry_after"] == 2
+    assert rep["refused"]["latency_ms"]["max"] == 2.0
 
 
 def test_summary_of_nothing() -> None:

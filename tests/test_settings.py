@@ -40,16 +40,49 @@ def test_environment_overrides_and_validation(monkeypatch: pytest.MonkeyPatch) -
         monkeypatch.delenv(name)
 
 
-def test_api_key_parsing_and_public_paths() -> None:
-    from service.api.auth import authorized, needs_key, presented_key
+def test_api_key_parsing_and_scopes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.api.auth import grant_of, presented_key
+    from service.settings import SCOPES, ApiKey, parse_api_keys
 
     assert presented_key({"authorization": "Bearer abc"}) == "abc"
     assert presented_key({"authorization": "bearer  abc "}) == "abc"
     assert presented_key({"x-api-key": "xyz"}) == "xyz"
     assert presented_key({"authorization": "Basic Zm9v"}) is None
     assert presented_key({}) is None
-    assert authorized("k2", ["k1", "k2"]) and not authorized("k3", ["k1", "k2"])
-    assert not authorized(None, ["k1"])
-    assert needs_key("/v1/recommendations", ["k"]) and not needs_key("/v1/recommendations", [])
-    for path in ("/healthz", "/readyz", "/metrics", "/docs", "/openapi.json", "/ui"):
-        assert not needs_key(path, ["k"])
+    # today's plain form still works and means every scope
+    monkeypatch.setenv("GENREC_API_KEYS", "k1, k2")
+    every = ApiKey(frozenset(SCOPES))
+    assert Settings().api_keys == {"k1": every, "k2": every}
+    monkeypatch.setenv(
+        "GENREC_API_KEYS", "reader:read,ops:admin,app:read+write@20/second,k9@5/minute"
+    )
+    keys = Settings().api_keys
+    assert keys == {
+        "reader": ApiKey(frozenset({"read"})),
+        "ops": ApiKey(frozenset({"admin"})),
+        "app": ApiKey(frozenset({"read", "write"}), "20/second"),
+        "k9": ApiKey(frozenset(SCOPES), "5/minute"),
+    }
+    assert grant_of("app", keys) == keys["app"]
+    assert grant_of("nope", keys) is None and grant_of(None, keys) is None
+    assert parse_api_keys([]) == {}
+    with pytest.raises(ValueError, match="rate limit string 'often'"):
+        parse_api_keys(["k1:read@often"])
+    for bad in ("k1:read+sideways", "k1:", ":read", "k1:+", "k1@", "k1:read@often"):
+        with pytest.raises(ValueError, match=r"bad API key entry|rate limit"):
+            parse_api_keys([bad])
+        monkeypatch.setenv("GENREC_API_KEYS", bad)
+        with pytest.raises(ValidationError):
+            Settings()
+    monkeypatch.setenv("GENREC_API_KEYS", "k1:read+sideways")
+    with pytest.raises(ValidationError) as err:
+        Settings()
+    assert "k1" not in str(err.value)  # keys stay out of the logs
+
+
+def test_rate_limit_is_checked_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GENREC_RATE_LIMIT", "50/second")
+    assert Settings().rate_limit == "50/second"
+    monkeypatch.setenv("GENREC_RATE_LIMIT", "lots")
+    with pytest.raises(ValidationError, match="rate limit"):
+        Settings()

@@ -8,6 +8,7 @@ prompt's, for every beam of it), so a row recomputes only its last partial block
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +26,12 @@ from model_store.generation import Prompt
 
 if TYPE_CHECKING:
     from vllm import LLM, SamplingParams
+
+_PROCESS_LOCK = threading.RLock()
+"""vLLM keeps per-process state (the forward context of the running step, the distributed
+groups): in-process engines take turns, so two can live together (a gateway rolling out a
+new bundle opens the new engine while the old one still serves)."""
+_open = [0]  # in-process engines open in this process, under _PROCESS_LOCK
 
 
 class VLLMEngine(EmbeddingEngine):
@@ -68,9 +75,11 @@ class VLLMEngine(EmbeddingEngine):
         options.update(llm_kwargs)
         self.model_dir = Path(model_dir)
         self.table = load_input_embeddings(self.model_dir)
-        self.llm: LLM | None = LLM(model=str(self.model_dir), **options)
-        if warmup:
-            self.warm()
+        with _PROCESS_LOCK:
+            self.llm: LLM | None = LLM(model=str(self.model_dir), **options)
+            _open[0] += 1
+            if warmup:
+                self.warm()
 
     def ready(self) -> bool:
         """In-process: ready while not closed."""
@@ -88,9 +97,29 @@ class VLLMEngine(EmbeddingEngine):
         """Shuts the engine core down (and its worker processes when multiprocessing)."""
         if self.llm is None:
             return
-        llm, self.llm = self.llm, None
-        llm.llm_engine.engine_core.shutdown()
+        with _PROCESS_LOCK:
+            llm, self.llm = self.llm, None
+            _open[0] -= 1
+            _shutdown(llm.llm_engine.engine_core, others_open=_open[0] > 0)
         del llm
+
+
+def _shutdown(client: Any, others_open: bool) -> None:
+    """Shuts one engine core down. An in-process core's shutdown also tears down vLLM's
+    process-wide distributed state, which every other in-process engine shares (a gateway
+    rolling out a new bundle serves from the new engine while it closes the old one): while
+    others are open, only this core's own executor and scheduler are released."""
+    from vllm.v1.engine.core_client import InprocClient
+
+    if not (others_open and isinstance(client, InprocClient)):
+        client.shutdown()
+        return
+    if client._finalizer.detach() is None:  # already shut down
+        return
+    core = client.engine_core
+    core.structured_output_manager.clear_backend()
+    core.model_executor.shutdown()
+    core.scheduler.shutdown()
 
 
 def _sampling_params(candidates: np.ndarray) -> SamplingParams:
@@ -137,7 +166,8 @@ class VLLMSession(EmbeddingRows):
                 pieces.append((r, piece))
         parts: list[list[np.ndarray]] = [[] for _ in wanted]
         if requests:
-            outputs = self._llm.generate(requests, params, use_tqdm=False)
+            with _PROCESS_LOCK:
+                outputs = self._llm.generate(requests, params, use_tqdm=False)
             for (r, piece), output in zip(pieces, outputs, strict=True):
                 parts[r].append(_candidate_logprobs(output.outputs[0].logprobs, piece))
         return [np.concatenate(p) if p else np.zeros(0, dtype=np.float32) for p in parts]

@@ -9,8 +9,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from service import logs
-from service.api import errors, middleware, ui
-from service.api.routes import events, probes, profiles, recommendations
+from service.api import contract, errors, middleware, ui
+from service.api.routes import admin, events, probes, profiles, recommendations
 from service.api.runtime import Runtime
 from service.settings import Settings
 
@@ -35,11 +35,16 @@ def create_app(settings: Settings | None = None, announce: str | None = None) ->
         version="1",
         summary="Generative recommendations over Semantic IDs, with constrained decoding.",
         lifespan=lifespan,
+        generate_unique_id_function=lambda route: route.name,  # links name operations
     )
     app.state.runtime = runtime
-    app.middleware("http")(middleware.observe(runtime.settings.api_keys))
+    app.middleware("http")(middleware.observe(runtime))
     errors.install(app)
-    routers = (recommendations.router, profiles.router, events.router, probes.router, ui.router)
+    routers = (
+        recommendations.router, profiles.router, events.router, admin.router, probes.router,
+        ui.router,
+    )  # fmt: skip
     for router in routers:
         app.include_router(router)
+    contract.install(app, keys_enforced=bool(runtime.settings.api_keys))
     return app

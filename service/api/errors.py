@@ -1,21 +1,30 @@
-"""One table from each domain exception to its HTTP status and gRPC code.
+"""One table from each domain exception to its HTTP status and gRPC code (and headers).
 
 REST handlers and the gRPC servicer both read it, so an error means the same thing on
-either transport; anything not in the table is a server error (500 / INTERNAL).
+either transport; anything not in the table is a server error (500 / INTERNAL). What the
+framework answers by itself (no route, a method the path does not have, a body that is not
+even text) gets the same JSON error shape here, and a 405 names every method of the path.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
+from model_store.bundle import BundleError
 from model_store.catalog import UnknownItem
+from service.admission import Overloaded
+from service.api.auth import Forbidden, RateLimited, Unauthenticated
+from service.api.serving import BundleNotFound, OutsideRoot, RolloutBusy
 from service.events import EventsUnavailable
 from service.profiles import ProfileUnavailable, StaleRevision
 
@@ -25,16 +34,13 @@ class ErrorBody(BaseModel):
     detail: object = None
 
 
-class BadRevision(ValueError):
-    """An If-Match header that is not a revision number."""
-
-
 @dataclass(frozen=True)
 class ErrorKind:
     status: int
     code: grpc.StatusCode
     message: Callable[[Exception], str] = str
     detail: Callable[[Exception], object] = lambda _: None
+    headers: Callable[[Exception], dict[str, str]] = lambda _: {}
 
 
 def _validation_message(e: Exception) -> str:
@@ -57,9 +63,46 @@ ERRORS: dict[type[Exception], ErrorKind] = {
     EventsUnavailable: ErrorKind(
         503, grpc.StatusCode.UNAVAILABLE, message=lambda e: f"events unavailable: {e}"
     ),
-    BadRevision: ErrorKind(400, grpc.StatusCode.INVALID_ARGUMENT),
+    Overloaded: ErrorKind(
+        503,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        detail=lambda e: {"reason": getattr(e, "reason", None), "retry_after_s": _retry(e)},
+        headers=lambda e: {"Retry-After": str(_retry(e))},
+    ),
+    Unauthenticated: ErrorKind(
+        401, grpc.StatusCode.UNAUTHENTICATED, headers=lambda _: {"WWW-Authenticate": "Bearer"}
+    ),
+    Forbidden: ErrorKind(
+        403,
+        grpc.StatusCode.PERMISSION_DENIED,
+        detail=lambda e: {"scope": getattr(e, "scope", None)},
+    ),
+    RateLimited: ErrorKind(
+        429,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        detail=lambda e: {"retry_after_s": _quota_reset(e)},
+        headers=lambda e: {"Retry-After": str(_quota_reset(e)), **_quota_headers(e)},
+    ),
+    BundleNotFound: ErrorKind(404, grpc.StatusCode.NOT_FOUND),
+    OutsideRoot: ErrorKind(403, grpc.StatusCode.PERMISSION_DENIED),
+    BundleError: ErrorKind(
+        422, grpc.StatusCode.FAILED_PRECONDITION, message=lambda e: f"bundle refused: {e}"
+    ),
+    RolloutBusy: ErrorKind(409, grpc.StatusCode.ABORTED),
     ValidationError: ErrorKind(422, grpc.StatusCode.INVALID_ARGUMENT, _validation_message),
 }
+
+
+def _retry(e: Exception) -> int:
+    return e.retry_after if isinstance(e, Overloaded) else 1
+
+
+def _quota_reset(e: Exception) -> int:
+    return e.quota.reset_s if isinstance(e, RateLimited) else 1
+
+
+def _quota_headers(e: Exception) -> dict[str, str]:
+    return e.quota.headers() if isinstance(e, RateLimited) else {}
 
 
 def kind_of(exc: Exception) -> ErrorKind | None:
@@ -70,20 +113,49 @@ def kind_of(exc: Exception) -> ErrorKind | None:
     return None
 
 
-def error_response(status: int, message: str, detail: object = None) -> JSONResponse:
-    return JSONResponse(ErrorBody(error=message, detail=detail).model_dump(), status_code=status)
+def error_response(
+    status: int, message: str, detail: object = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    body = ErrorBody(error=message, detail=detail).model_dump()
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
-def responses(*statuses: int) -> dict[int | str, dict[str, object]]:
-    """OpenAPI `responses` for the error statuses a route can send."""
-    return {status: {"model": ErrorBody} for status in statuses}
+def _header(description: str, required: bool = True, kind: str = "integer") -> dict[str, Any]:
+    return {"description": description, "required": required, "schema": {"type": kind}}
+
+
+RATE_HEADERS = {
+    "RateLimit-Limit": _header("Requests allowed in the window.", required=False),
+    "RateLimit-Remaining": _header("Requests left in the window.", required=False),
+    "RateLimit-Reset": _header("Seconds until the window resets.", required=False),
+}
+"""On every answer of a rate-limited gateway (IETF draft `RateLimit` header fields)."""
+
+ERROR_HEADERS: dict[int, dict[str, Any]] = {
+    401: {"WWW-Authenticate": _header("`Bearer`.", kind="string")},
+    429: {
+        "Retry-After": _header("Seconds until the key's window resets."),
+        **{name: {**spec, "required": True} for name, spec in RATE_HEADERS.items()},
+    },
+    503: {"Retry-After": _header("Seconds to wait (sent when the engine is overloaded).", False)},
+}
+
+
+def responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for the error statuses a route can send, with their headers."""
+    out: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        out[status] = {"model": ErrorBody}
+        if status in ERROR_HEADERS:
+            out[status]["headers"] = ERROR_HEADERS[status]
+    return out
 
 
 async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
     kind = kind_of(exc)
     if kind is None:  # not reachable: handlers are registered for table entries only
         raise exc
-    return error_response(kind.status, kind.message(exc), kind.detail(exc))
+    return error_response(kind.status, kind.message(exc), kind.detail(exc), kind.headers(exc))
 
 
 async def _invalid_request(request: Request, exc: Exception) -> JSONResponse:
@@ -92,9 +164,34 @@ async def _invalid_request(request: Request, exc: Exception) -> JSONResponse:
     return error_response(422, "invalid request", detail)
 
 
+async def _framework_error(request: Request, exc: Exception) -> JSONResponse:
+    """The framework's own answers in the error shape. A body it cannot even decode is
+    invalid input like any other (422); a 405 lists every method the path has."""
+    status = exc.status_code if isinstance(exc, HTTPException) else 500
+    if status == 400:
+        detail = [{"loc": ["body"], "msg": "the body is not UTF-8 JSON", "type": "json_invalid"}]
+        return error_response(422, "invalid request", detail)
+    headers = None
+    if status == 405:
+        headers = {"Allow": ", ".join(allowed_methods(request))}
+    message = exc.detail if isinstance(exc, HTTPException) else "error"
+    return error_response(status, str(message).lower(), headers=headers)
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at the request's path (routes are one per method)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches({**request.scope, "method": "GET"})
+        if match != Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
+
+
 def install(app: FastAPI) -> None:
     """Registers the table's handlers (and the request-validation one) on `app`."""
     app.add_exception_handler(RequestValidationError, _invalid_request)
+    app.add_exception_handler(HTTPException, _framework_error)
     for exc_type in ERRORS:
         if exc_type is not ValidationError:  # a response model failing is a server error
             app.add_exception_handler(exc_type, _domain_error)

@@ -4,8 +4,11 @@ in `service.api.errors`."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import grpc
@@ -13,12 +16,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from service import metrics
-from service.api.auth import authorized, presented_key
+from service.api.auth import Guard, presented_key
 from service.api.errors import kind_of
-from service.events import Events, EventsAccepted, EventsRequest
+from service.api.serving import Serving
+from service.events import EventsAccepted, EventsRequest
 from service.proto import next_episode_pb2 as pb
 from service.proto import next_episode_pb2_grpc as pb_grpc
-from service.recommendations import Recommendations
 from service.schemas import RecommendationRequest, RecommendationResponse
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["NextEpisode"].full_name
@@ -71,68 +74,101 @@ def _accepted(resp: EventsAccepted) -> pb.EventsResponse:
     )
 
 
+Lease = Callable[[], AbstractContextManager[Serving]]
+
+
 class NextEpisodeServicer(pb_grpc.NextEpisodeServicer):
-    def __init__(
-        self, recommendations: Recommendations, events: Events, api_keys: list[str]
-    ) -> None:
-        self.recommendations = recommendations
-        self.events = events
-        self.api_keys = api_keys
+    """Each call leases the bundle serving when it starts (a rollout never cuts it off)."""
+
+    def __init__(self, lease: Lease, guard: Guard) -> None:
+        self.lease = lease
+        self.guard = guard
 
     async def Next(
         self, request: pb.NextRequest, context: grpc.aio.ServicerContext
     ) -> pb.NextResponse:
-        async def call() -> pb.NextResponse:
-            return _response(await self.recommendations.recommend(_request(request)))
+        async def call(serving: Serving) -> pb.NextResponse:
+            return _response(await serving.recommendations.recommend(_request(request)))
 
-        return await self._handle(ENDPOINT, context, call)
+        return await self._handle(ENDPOINT, "read", context, call)
 
     async def Report(
         self, request: pb.EventsRequest, context: grpc.aio.ServicerContext
     ) -> pb.EventsResponse:
-        async def call() -> pb.EventsResponse:
-            return _accepted(await self.events.ingest(_events(request).events))
+        async def call(serving: Serving) -> pb.EventsResponse:
+            return _accepted(await serving.events.ingest(_events(request).events))
 
-        return await self._handle(REPORT_ENDPOINT, context, call)
+        return await self._handle(REPORT_ENDPOINT, "write", context, call)
 
     async def _handle(
         self,
         endpoint: str,
+        scope: str,
         context: grpc.aio.ServicerContext,
-        call: Callable[[], Awaitable[T]],
+        call: Callable[[Serving], Awaitable[T]],
     ) -> T:
-        """Auth, the error table's codes, and the request metrics, for every method."""
+        """The guard (key, scope, rate), the error table's codes (with `retry-after` in the
+        trailing metadata when the table has one), and the request metrics."""
         start = time.perf_counter()
         code = grpc.StatusCode.OK
         try:
-            if self.api_keys:
-                metadata = {k.lower(): str(v) for k, v in context.invocation_metadata() or ()}
-                if not authorized(presented_key(metadata), self.api_keys):
-                    code = grpc.StatusCode.UNAUTHENTICATED
-                    await context.abort(code, "missing or unknown API key (authorization metadata)")
             try:
-                return await call()
+                metadata = {k.lower(): str(v) for k, v in context.invocation_metadata() or ()}
+                await self.guard.check(presented_key(metadata), scope, _peer_host(context))
+                with self.lease() as serving:
+                    return await call(serving)
             except Exception as e:
                 kind = kind_of(e)
                 if kind is None:
                     code = grpc.StatusCode.INTERNAL  # counted as what the client will see
                     raise
-                code = kind.code
-                await context.abort(code, kind.message(e))
-                raise  # not reached: abort raises
+                code, failure = kind.code, e
+            headers = kind.headers(failure)
+            if headers:
+                context.set_trailing_metadata(tuple((k.lower(), v) for k, v in headers.items()))
+            await context.abort(code, kind.message(failure))
+            raise AssertionError("context.abort returned")  # not reached: abort raises
         finally:
             metrics.REQUESTS.labels(endpoint, code.name).inc()
             metrics.REQUEST_SECONDS.labels(endpoint).observe(time.perf_counter() - start)
 
 
-async def start_grpc(
-    recommendations: Recommendations, events: Events, host: str, port: int, api_keys: list[str]
-) -> tuple[grpc.aio.Server, int]:
-    """Starts the server on (host, port) and returns it with the port it bound."""
+def _peer_host(context: grpc.aio.ServicerContext) -> str:
+    """The caller's address without its port (`ipv4:10.0.0.7:51234` → `ipv4:10.0.0.7`)."""
+    return str(context.peer() or "").rsplit(":", 1)[0]
+
+
+@dataclass
+class Grpc:
+    """The running server and its health service (NOT_SERVING while draining)."""
+
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    loop: asyncio.AbstractEventLoop
+    _marking: set[asyncio.Task[None]] = field(default_factory=set)
+
+    def not_serving(self) -> None:
+        """Marks every service NOT_SERVING; safe to call from a signal handler."""
+        status = health_pb2.HealthCheckResponse.NOT_SERVING
+
+        def mark() -> None:
+            for name in (SERVICE_NAME, ""):
+                task = self.loop.create_task(self.health.set(name, status))
+                self._marking.add(task)
+                task.add_done_callback(self._marking.discard)
+
+        self.loop.call_soon_threadsafe(mark)
+
+    async def stop(self, grace: float) -> None:
+        """Refuses new calls and lets those in flight finish for up to `grace` seconds."""
+        await self.server.stop(grace=grace)
+
+
+async def start_grpc(lease: Lease, guard: Guard, host: str, port: int) -> Grpc:
+    """Starts the server on (host, port); the port it bound is in the answer."""
     server = grpc.aio.server()
-    pb_grpc.add_NextEpisodeServicer_to_server(
-        NextEpisodeServicer(recommendations, events, api_keys), server
-    )
+    pb_grpc.add_NextEpisodeServicer_to_server(NextEpisodeServicer(lease, guard), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -143,4 +179,4 @@ async def start_grpc(
     serving = health_pb2.HealthCheckResponse.SERVING
     await health_servicer.set(SERVICE_NAME, serving)
     await health_servicer.set("", serving)
-    return server, bound
+    return Grpc(server, bound, health_servicer, asyncio.get_running_loop())

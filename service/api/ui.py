@@ -21,7 +21,7 @@ from pydantic import BaseModel, Field
 
 from model_store.bundle import Bundle
 from service.api import deps
-from service.api.errors import error_response, responses
+from service.api.errors import error_response
 from service.schemas import MAX_K, USER_ID, RecommendationRequest
 from service.trace import Trace
 
@@ -119,7 +119,7 @@ async def static(
     return FileResponse(path, headers={"Cache-Control": "no-cache"})
 
 
-@router.get("/v1/ui/users", response_model=UserList, responses=responses(422))
+@router.get("/v1/ui/users", response_model=UserList, **deps.guarded("read", 422))
 async def users(
     request: Request, limit: Annotated[int, Query(ge=1, le=MAX_USERS)] = 50
 ) -> UserList:
@@ -134,7 +134,7 @@ async def users(
     )
 
 
-@router.get("/v1/ui/map", response_model=UserMap, responses=responses(422))
+@router.get("/v1/ui/map", response_model=UserMap, **deps.guarded("read", 422, 503))
 async def user_map(
     request: Request,
     user_id: Annotated[str | None, Query(pattern=USER_ID, examples=["196"])] = None,

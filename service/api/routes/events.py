@@ -5,7 +5,6 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from service.api import deps
-from service.api.errors import responses
 from service.events import EventsAccepted, EventsRequest
 
 router = APIRouter()
@@ -15,7 +14,7 @@ router = APIRouter()
     "/v1/events",
     status_code=202,
     response_model=EventsAccepted,
-    responses=responses(413, 422, 503),
+    **deps.guarded("write", 413, 422, 503, ok=202),
 )
 async def events(body: EventsRequest, request: Request) -> EventsAccepted:
     """Up to 500 events; each valid one is in its user's history (or feedback) at once and in

@@ -8,23 +8,41 @@ from fastapi import APIRouter, Header, Path, Request
 from fastapi.responses import JSONResponse
 
 from service.api import deps
-from service.api.errors import BadRevision, responses
 from service.schemas import USER_ID
 from service.taste import TasteEdits, TasteProfile
 
 router = APIRouter()
 
 UserId = Annotated[str, Path(pattern=USER_ID, examples=["196"])]
+IF_MATCH = r'^\s*(W/)?("[0-9]{1,18}"|[0-9]{1,18})\s*$'
+"""A revision as the ETag gives it (`"3"`), weak (`W/"3"`) or bare (`3`)."""
 IfMatch = Annotated[
     str | None,
-    Header(description="The revision the edit is based on (from ETag); stale → 412."),
+    Header(
+        pattern=IF_MATCH,
+        description="The revision the edit is based on (from ETag); stale → 412.",
+        examples=['"0"'],
+    ),
 ]
+ETAG = {"ETag": {"description": "The revision, for If-Match.", "schema": {"type": "string"}}}
+
+
+def _then(*operations: str) -> dict[int | str, dict[str, object]]:
+    """The 200's ETag, and links to what a client does next with the same user (and, for
+    edits, the revision it just read)."""
+    links: dict[str, object] = {}
+    for op in operations:
+        parameters = {"user_id": "$request.path.user_id"}
+        if op != "get_taste_profile":
+            parameters["header.if-match"] = "$response.header.ETag"
+        links[op] = {"operationId": op, "parameters": parameters}
+    return {200: {"headers": ETAG, "links": links}}
 
 
 @router.get(
     "/v1/users/{user_id}/taste-profile",
     response_model=TasteProfile,
-    responses=responses(422),
+    **deps.guarded("read", 422, extra=_then("patch_taste_profile", "reset_taste_profile")),
 )
 async def get_taste_profile(user_id: UserId, request: Request) -> JSONResponse:
     """What the system believes about the user, and their edits (ETag: the revision)."""
@@ -34,7 +52,9 @@ async def get_taste_profile(user_id: UserId, request: Request) -> JSONResponse:
 @router.patch(
     "/v1/users/{user_id}/taste-profile",
     response_model=TasteProfile,
-    responses=responses(412, 422, 503),
+    **deps.guarded(
+        "write", 412, 413, 422, 503, extra=_then("get_taste_profile", "reset_taste_profile")
+    ),
 )
 async def patch_taste_profile(
     user_id: UserId, edits: TasteEdits, request: Request, if_match: IfMatch = None
@@ -48,7 +68,7 @@ async def patch_taste_profile(
 @router.delete(
     "/v1/users/{user_id}/taste-profile/edits",
     response_model=TasteProfile,
-    responses=responses(412, 422, 503),
+    **deps.guarded("write", 412, 422, 503, extra=_then("get_taste_profile")),
 )
 async def reset_taste_profile(
     user_id: UserId, request: Request, if_match: IfMatch = None
@@ -60,13 +80,11 @@ async def reset_taste_profile(
 
 
 def revision(if_match: str | None) -> int | None:
-    """The revision an `If-Match` header names (`"3"`, `W/"3"` or `3`); None when absent."""
+    """The revision an `If-Match` header names (validated against IF_MATCH); None when
+    absent."""
     if if_match is None:
         return None
-    value = if_match.strip().removeprefix("W/").strip('"')
-    if not value.isdigit():
-        raise BadRevision(f"If-Match must be a revision number, got {if_match!r}")
-    return int(value)
+    return int(if_match.strip().removeprefix("W/").strip('"'))
 
 
 def _profile_response(profile: TasteProfile) -> JSONResponse:

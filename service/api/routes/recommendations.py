@@ -2,21 +2,34 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import structlog
 from fastapi import APIRouter, Request
 
 from service.api import deps
-from service.api.errors import responses
 from service.schemas import PlaylistRequest, RecommendationRequest, RecommendationResponse
 
 log = structlog.get_logger(__name__)
 router = APIRouter()
 
+PROFILE_LINK: dict[int | str, dict[str, Any]] = {
+    200: {
+        "links": {
+            "taste_profile": {
+                "operationId": "get_taste_profile",
+                "parameters": {"user_id": "$request.body#/user_id"},
+            }
+        }
+    }
+}
+"""What a client looks at next: the taste profile of the user it was served for."""
+
 
 @router.post(
     "/v1/recommendations",
     response_model=RecommendationResponse,
-    responses=responses(404, 413, 422),
+    **deps.guarded("read", 404, 413, 422, 503, extra=PROFILE_LINK),
 )
 async def recommendations(body: RecommendationRequest, request: Request) -> RecommendationResponse:
     """Top-k items for one user on one surface, steered by their own words if given."""
@@ -35,7 +48,7 @@ async def recommendations(body: RecommendationRequest, request: Request) -> Reco
 @router.post(
     "/v1/playlists",
     response_model=RecommendationResponse,
-    responses=responses(413, 422),
+    **deps.guarded("read", 413, 422, 503, extra=PROFILE_LINK),
 )
 async def playlists(body: PlaylistRequest, request: Request) -> RecommendationResponse:
     """An ordered list following the user's words (genres, moods, eras, kinds), personal."""

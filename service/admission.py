@@ -1,0 +1,99 @@
+"""Admission control in front of the engine: refuse at once what would only time out.
+
+Every request that will search takes a place in line when it starts. The engine worker
+measures how long its searches take per request (an exponentially weighted mean of batch
+seconds over batch size), so the wait a new request faces is the requests ahead of it
+times that cost. When that wait is more than a share of the request's remaining budget
+(`max_wait_share` of the time to its deadline: the rest is slack for the search's own
+variance and for ranking), or the line is full, the request is refused with
+:class:`Overloaded` (HTTP 503 with `Retry-After`, gRPC `RESOURCE_EXHAUSTED`) instead of
+queueing behind work the engine cannot finish in time: the requests it admits keep their
+latency, and the caller learns when to come back. A request with nobody ahead is always
+admitted: it costs no one else anything, and its search keeps the measure current (a
+measure only refusals followed would never come down again).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from service import metrics
+
+SMOOTHING = 0.2
+"""Weight of the newest batch in the per-request cost (about the last ten batches)."""
+
+
+class Overloaded(Exception):
+    """The engine cannot serve this request before its deadline (or its line is full)."""
+
+    def __init__(self, reason: str, retry_after_s: float, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.retry_after_s = retry_after_s
+
+    @property
+    def retry_after(self) -> int:
+        """Whole seconds for `Retry-After`: at least 1."""
+        return max(1, math.ceil(self.retry_after_s))
+
+
+def expected_wait(ahead: int, per_request_s: float) -> float:
+    """Seconds until a new request's search is done: everyone ahead, then itself."""
+    return (ahead + 1) * per_request_s
+
+
+class Admission:
+    """The line in front of one engine: its length, the measured cost, the refusals."""
+
+    def __init__(self, max_queue: int, max_wait_share: float = 1.0) -> None:
+        self.max_queue = max_queue
+        self.max_wait_share = max_wait_share
+        self.per_request_s = 0.0  # nothing measured yet: only the line's length limits
+        self.ahead = 0
+        self._lock = threading.Lock()
+
+    def observe(self, requests: int, seconds: float) -> None:
+        """One engine batch of `requests` took `seconds` (called by the engine worker)."""
+        if requests <= 0:
+            return
+        cost = seconds / requests
+        with self._lock:
+            if self.per_request_s == 0.0:
+                self.per_request_s = cost
+            else:
+                self.per_request_s += SMOOTHING * (cost - self.per_request_s)
+
+    def forget(self) -> None:
+        """Drops the measured cost (a cold engine's first search says little of the next)."""
+        with self._lock:
+            self.per_request_s = 0.0
+
+    def check(self, deadline: float, now: float | None = None) -> None:
+        """Raises :class:`Overloaded` if a request due at `deadline` should not wait."""
+        now = time.monotonic() if now is None else now
+        wait = expected_wait(self.ahead, self.per_request_s)
+        if self.ahead >= self.max_queue:
+            reason, why = "queue_full", f"{self.ahead} requests are waiting for the engine"
+        elif self.ahead > 0 and wait > self.max_wait_share * (deadline - now):
+            reason = "deadline"
+            why = f"the engine's expected wait {wait:.2f} s would not leave the request's deadline"
+        else:
+            return
+        metrics.SHED.labels(reason).inc()
+        raise Overloaded(reason, wait, f"overloaded: {why}; retry later")
+
+    @contextmanager
+    def admitted(self, deadline: float) -> Iterator[None]:
+        """Holds a place in line for the request's duration, or refuses it."""
+        self.check(deadline)
+        self.ahead += 1
+        metrics.ADMITTED.inc()
+        try:
+            yield
+        finally:
+            self.ahead -= 1
+            metrics.ADMITTED.dec()

@@ -20,6 +20,13 @@ data_app = typer.Typer(help="Fetch or generate interaction data.", no_args_is_he
 app.add_typer(data_app, name="data")
 
 
+RedisUrl = Annotated[
+    str | None, typer.Option(envvar="REDIS_URL", help="Redis URL (default: embedded).")
+]
+RedisDb = Annotated[Path, typer.Option(envvar="GENREC_REDIS_DB", help="Embedded Redis file.")]
+DEFAULT_REDIS_DB = Path("data/redis.db")
+
+
 class Preset(StrEnum):
     full = "full"
     tiny = "tiny"
@@ -176,12 +183,8 @@ def eval_command(
 @app.command("embed-users")
 def embed_users_command(
     bundle_dir: Annotated[Path, typer.Argument(help="Bundle directory.")],
-    redis_url: Annotated[
-        str | None, typer.Option(envvar="REDIS_URL", help="Redis URL (default: embedded).")
-    ] = None,
-    redis_db: Annotated[
-        Path, typer.Option(envvar="GENREC_REDIS_DB", help="Embedded Redis file.")
-    ] = Path("data/redis.db"),
+    redis_url: RedisUrl = None,
+    redis_db: RedisDb = DEFAULT_REDIS_DB,
     address: Annotated[
         str | None, typer.Option(help="Ray cluster address (default: a local Ray).")
     ] = None,

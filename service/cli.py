@@ -13,7 +13,15 @@ import typer
 
 from model_store import cli as offline
 from model_store.bundle import Bundle
-from model_store.cli import Preset, fail, load_named_dataset, set_threads
+from model_store.cli import (
+    DEFAULT_REDIS_DB,
+    Preset,
+    RedisDb,
+    RedisUrl,
+    fail,
+    load_named_dataset,
+    set_threads,
+)
 from model_store.userstate.connect import redis_url_or_embedded
 from service.settings import Settings
 
@@ -31,12 +39,8 @@ def _settings(**overrides: Any) -> Settings:
 @online.command("publish-embeddings")
 def publish_embeddings(
     bundle_dir: Annotated[Path, typer.Argument(help="Bundle directory.")] = DEFAULT_BUNDLE,
-    redis_url: Annotated[
-        str | None, typer.Option(envvar="REDIS_URL", help="Redis URL (default: embedded).")
-    ] = None,
-    redis_db: Annotated[
-        Path, typer.Option(envvar="GENREC_REDIS_DB", help="Embedded Redis file.")
-    ] = Path("data/redis.db"),
+    redis_url: RedisUrl = None,
+    redis_db: RedisDb = DEFAULT_REDIS_DB,
     history_len: int = 1000,
     force: Annotated[
         bool, typer.Option(help="Publish even when a version of this bundle is current.")

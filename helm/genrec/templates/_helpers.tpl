@@ -128,6 +128,19 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- end }}
 
+{{/* The bundle directory every pod serves or reads: the mount, or with bundle.rollout its
+     `current` symlink (resolved by each process at start; the gateway again on SIGHUP). */}}
+{{- define "genrec.bundlePath" -}}
+{{- if .Values.bundle.rollout.enabled }}
+{{- if ne .Values.bundle.source "pvc" }}
+{{- fail "bundle.rollout needs bundle.source=pvc (versioned bundles and a `current` symlink on the volume)" }}
+{{- end }}
+{{- printf "%s/%s" (trimSuffix "/" .Values.bundle.mountPath) .Values.bundle.rollout.current }}
+{{- else }}
+{{- .Values.bundle.mountPath }}
+{{- end }}
+{{- end }}
+
 {{- define "genrec.bundleMount" -}}
 - name: bundle
   mountPath: {{ .Values.bundle.mountPath }}
@@ -173,4 +186,116 @@ app.kubernetes.io/component: {{ .component }}
       mountPath: /scripts
       readOnly: true
 {{- end }}
+{{- end }}
+
+{{/* "<fullname>-<suffix>" within .max characters: a CronJob's name leaves room for its Jobs'
+     suffix (52), a RayJob's for the names KubeRay derives from it (47). */}}
+{{- define "genrec.shortComponent" -}}
+{{- printf "%s-%s" (include "genrec.fullname" .root | trunc (int (sub (sub .max 1) (len .name))) | trimSuffix "-") .name }}
+{{- end }}
+
+{{/* The embed-users snapshot volume: an existing claim, the chart's claim, or an emptyDir. */}}
+{{- define "genrec.snapshotsVolume" -}}
+{{- $s := .Values.embedUsers.snapshots }}
+- name: snapshots
+{{- if or $s.existingClaim $s.create }}
+  persistentVolumeClaim:
+    claimName: {{ $s.existingClaim | default (include "genrec.component" (dict "root" . "name" "snapshots")) }}
+{{- else }}
+  emptyDir:
+    sizeLimit: {{ $s.sizeLimit }}
+{{- end }}
+{{- end }}
+
+{{/* The arguments of `genrec embed-users` after the bundle path (the CronJob's and the
+     RayJob's entrypoint share them). */}}
+{{- define "genrec.embedUsersArgs" -}}
+- --workers
+- {{ .Values.embedUsers.workers | toString | quote }}
+- --snapshots
+- {{ .Values.embedUsers.snapshots.mountPath | quote }}
+- --history-len
+- {{ .Values.gateway.settings.GENREC_HISTORY_LEN | default "1000" | toString | quote }}
+{{- range .Values.embedUsers.extraArgs }}
+- {{ . | toString | quote }}
+{{- end }}
+{{- end }}
+
+{{/* A Ray head or worker pod of the embed-users RayJob: the job's image, bundle, snapshots and
+     REDIS_URL, non-root like every pod here, and probes that need no wget:
+     (dict "root" $ "container" "ray-head" "resources" ... "port" 8265 "path" "/api/gcs_healthz"). */}}
+{{- define "genrec.rayPodTemplate" -}}
+{{- $root := .root }}
+{{- $e := $root.Values.embedUsers }}
+metadata:
+  labels:
+    {{- include "genrec.componentLabels" (dict "root" $root "component" "embed-users") | nindent 4 }}
+    genrec.io/redis-client: "true"
+spec:
+  serviceAccountName: {{ include "genrec.serviceAccountName" $root }}
+  automountServiceAccountToken: false
+  {{- with $root.Values.imagePullSecrets }}
+  imagePullSecrets:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  securityContext:
+    {{- toYaml $root.Values.gateway.podSecurityContext | nindent 4 }}
+  {{- with $e.rayJob.nodeSelector }}
+  nodeSelector:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- with $e.rayJob.tolerations }}
+  tolerations:
+    {{- toYaml . | nindent 4 }}
+  {{- end }}
+  {{- if eq $root.Values.bundle.source "url" }}
+  initContainers:
+    {{- include "genrec.fetchBundleInit" $root | trim | nindent 4 }}
+  {{- end }}
+  containers:
+    - name: {{ .container }}
+      image: {{ include "genrec.image" $root }}
+      imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+      env:
+        {{- include "genrec.redisEnv" $root | trim | nindent 8 }}
+        - name: RAY_USAGE_STATS_ENABLED
+          value: "0"
+      readinessProbe:
+        httpGet:
+          path: {{ .path }}
+          port: {{ .port }}
+        initialDelaySeconds: 10
+        periodSeconds: 10
+        timeoutSeconds: 5
+        failureThreshold: 6
+      livenessProbe:
+        httpGet:
+          path: {{ .path }}
+          port: {{ .port }}
+        initialDelaySeconds: 30
+        periodSeconds: 20
+        timeoutSeconds: 5
+        failureThreshold: 6
+      resources:
+        {{- toYaml .resources | nindent 8 }}
+      securityContext:
+        {{- toYaml $root.Values.gateway.securityContext | nindent 8 }}
+      volumeMounts:
+        {{- include "genrec.bundleMount" $root | nindent 8 }}
+        - name: snapshots
+          mountPath: {{ $e.snapshots.mountPath }}
+        - name: tmp
+          mountPath: /tmp
+        - name: shm
+          mountPath: /dev/shm
+  volumes:
+    {{- include "genrec.bundleVolume" $root | nindent 4 }}
+    {{- include "genrec.snapshotsVolume" $root | trim | nindent 4 }}
+    - name: tmp
+      emptyDir:
+        sizeLimit: {{ $e.tmpSizeLimit }}
+    - name: shm
+      emptyDir:
+        medium: Memory
+        sizeLimit: {{ $e.shmSize }}
 {{- end }}

@@ -54,6 +54,7 @@ class Admission:
         self.max_wait_share = max_wait_share
         self.per_request_s = 0.0  # nothing measured yet: only the line's length limits
         self.ahead = 0
+        self._paused = False
         self._lock = threading.Lock()
 
     def observe(self, requests: int, seconds: float) -> None:
@@ -78,13 +79,26 @@ class Admission:
         wait = expected_wait(self.ahead, self.per_request_s)
         if self.ahead >= self.max_queue:
             reason, why = "queue_full", f"{self.ahead} requests are waiting for the engine"
-        elif self.ahead > 0 and wait > self.max_wait_share * (deadline - now):
+        elif not self._paused and self.ahead > 0 and wait > self.max_wait_share * (deadline - now):
             reason = "deadline"
             why = f"the engine's expected wait {wait:.2f} s would not leave the request's deadline"
         else:
             return
         metrics.SHED.labels(reason).inc()
         raise Overloaded(reason, wait, f"overloaded: {why}; retry later")
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """While a new engine starts beside this one (a rollout), this engine waits for it
+        (vLLM's process lock): the wait says nothing of the engine's cost, and refusing would
+        turn a rollout into errors. Requests queue instead; one still waiting at its deadline
+        falls back to ANN. The measure taken across the pause is dropped after it."""
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
+            self.forget()
 
     @contextmanager
     def admitted(self, deadline: float) -> Iterator[None]:

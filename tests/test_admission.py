@@ -39,6 +39,20 @@ def test_the_cost_per_request_is_a_smoothed_mean_of_batches() -> None:
     assert line.per_request_s == 0.0
 
 
+def test_while_paused_for_a_rollout_requests_queue_instead_of_being_refused() -> None:
+    line = Admission(max_queue=3, max_wait_share=0.5)
+    line.observe(1, 1.0)  # a second a request: anyone behind another would be refused
+    line.ahead = 2
+    with pytest.raises(Overloaded):
+        line.check(deadline=1001.0, now=1000.0)
+    with line.paused():
+        line.check(deadline=1001.0, now=1000.0)  # waits: the pause is not the engine's cost
+        line.ahead = 3
+        with pytest.raises(Overloaded, match="waiting"):  # a full line is still full
+            line.check(deadline=1001.0, now=1000.0)
+    assert line.per_request_s == 0.0  # what was measured across the pause is dropped
+
+
 def test_a_request_is_refused_when_its_wait_would_eat_its_deadline() -> None:
     line = Admission(max_queue=100, max_wait_share=0.5)
     line.observe(1, 0.1)

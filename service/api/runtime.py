@@ -109,9 +109,10 @@ class Runtime:
             bundle = await asyncio.to_thread(verified_bundle, directory)
             if bundle.version == old.version:
                 return _rollout(old.bundle, old.bundle, False, began)
-            new = await asyncio.to_thread(open_serving, self.settings, bundle, self.store)
+            with old.recommendations.batcher.admission.paused():
+                new = await asyncio.to_thread(open_serving, self.settings, bundle, self.store)
             self._activate(new)
-            self._spawn(self._retire(old))
+            self._spawn(self._retire(old, new))
             log.info("bundle rolled out", version=new.version, previous=old.version)
             return _rollout(new.bundle, old.bundle, True, began)
 
@@ -121,10 +122,14 @@ class Runtime:
         manifest = serving.bundle.manifest
         metrics.BUNDLE.info({"version": serving.version, "dataset": str(manifest["dataset"])})
 
-    async def _retire(self, old: Serving) -> None:
-        """Closes a replaced bundle once no request uses it (at most a few deadlines on)."""
+    async def _retire(self, old: Serving, new: Serving) -> None:
+        """Closes a replaced bundle once no request uses it (at most a few deadlines on).
+        Until then the two engines take turns, so the new one's admission does not judge
+        the engine by those turns either."""
         patience = 3 * self.settings.deadline_ms / 1000.0 + 5.0
-        if not await old.drained(patience):
+        with new.recommendations.batcher.admission.paused():
+            drained = await old.drained(patience)
+        if not drained:
             log.warning("closing a replaced bundle with requests still on it", leases=old.leases)
         await asyncio.to_thread(old.close)
         log.info("replaced bundle closed", version=old.version)

@@ -35,14 +35,19 @@ from model_store.bundle import Bundle
 from model_store.userstate.connect import sync_client
 from model_store.userstate.keys import (
     CONSUMED_TYPES,
-    CURRENT,
     EVENT_LOG,
     JOB_LOCK,
     NO_CHECKPOINT,
     meta_key,
     stream_position,
 )
-from model_store.userstate.publish import delete_version, flip, new_version, write_users
+from model_store.userstate.publish import (
+    current_version,
+    delete_version,
+    flip,
+    new_version,
+    write_users,
+)
 
 if TYPE_CHECKING:
     import ray.data
@@ -336,7 +341,7 @@ def _text(raw: bytes | str | None) -> str:
 
 def previous_version(client: redis.Redis) -> tuple[str, Path | None]:
     """(checkpoint, snapshot directory) of the current version; nothing current: no checkpoint."""
-    current = _text(client.get(CURRENT))
+    current = current_version(client)
     if not current:
         return NO_CHECKPOINT, None
     meta = {_text(k): _text(v) for k, v in client.hgetall(meta_key(current)).items()}
@@ -378,7 +383,7 @@ def discard_version(client: redis.Redis, version: str, snapshot: Path) -> None:
     """Best effort after a failed run: the version's keys and snapshot go; never those of a
     version that became current (a flip can fail after its SET)."""
     try:
-        if _text(client.get(CURRENT)) == version:
+        if current_version(client) == version:
             return
         delete_version(client, version)
     except (redis.RedisError, OSError) as e:  # unknown state: the snapshot stays, too

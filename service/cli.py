@@ -66,12 +66,11 @@ def publish_embeddings(
 def _first_run(url: str, bundle: Bundle, history_len: int, force: bool) -> str:
     """Publishes the bundle's users unless a version of this bundle is current already."""
     from model_store.userstate.connect import sync_client
-    from model_store.userstate.keys import CURRENT, bundle_of
-    from model_store.userstate.publish import publish_bundle
+    from model_store.userstate.keys import bundle_of
+    from model_store.userstate.publish import current_version, publish_bundle
 
     client = sync_client(url)
-    raw = client.get(CURRENT)
-    current = raw.decode() if isinstance(raw, bytes) else None
+    current = current_version(client)
     if current is not None and bundle_of(current) == bundle.version and not force:
         return f"kept {current}: a version of this bundle is current (--force to replace)"
     report = publish_bundle(client, bundle, history_len)

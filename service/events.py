@@ -101,8 +101,8 @@ class Events:
                 continue
             ts = event.ts if event.ts is not None else now
             valid.append(LoggedEvent(event.event_id, event.user_id, event.item, event.type, ts))
-        for _ in rejected:
-            metrics.EVENTS.labels("any", "rejected").inc()
+        if rejected:
+            metrics.EVENTS.labels("any", "rejected").inc(len(rejected))
         return valid, rejected
 
 

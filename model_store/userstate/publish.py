@@ -96,6 +96,12 @@ def write_users(
     return len(user_ids)
 
 
+def current_version(client: redis.Redis) -> str | None:
+    """The version readers are served now (None before the first publish)."""
+    raw = client.get(CURRENT)
+    return raw.decode() if isinstance(raw, bytes) else raw
+
+
 def flip(
     client: redis.Redis,
     version: str,

@@ -10,7 +10,8 @@ variance and for ranking), or the line is full, the request is refused with
 queueing behind work the engine cannot finish in time: the requests it admits keep their
 latency, and the caller learns when to come back. A request with nobody ahead is always
 admitted: it costs no one else anything, and its search keeps the measure current (a
-measure only refusals followed would never come down again).
+measure only refusals followed would never come down again). A fresh measure refuses
+nobody until it has seen a few batches.
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ from service import metrics
 
 SMOOTHING = 0.2
 """Weight of the newest batch in the per-request cost (about the last ten batches)."""
+SETTLE_BATCHES = 5
+"""Batches a fresh measure needs before it refuses anyone: until then the cost is their
+plain mean, so one slow batch after a start or a rollout (a cold path, a closing engine)
+cannot refuse the requests behind it on its own."""
 
 
 class Overloaded(Exception):
@@ -53,6 +58,7 @@ class Admission:
         self.max_queue = max_queue
         self.max_wait_share = max_wait_share
         self.per_request_s = 0.0  # nothing measured yet: only the line's length limits
+        self.batches = 0  # measured since the last forget
         self.ahead = 0
         self._paused = False
         self._lock = threading.Lock()
@@ -63,15 +69,19 @@ class Admission:
             return
         cost = seconds / requests
         with self._lock:
-            if self.per_request_s == 0.0:
-                self.per_request_s = cost
-            else:
-                self.per_request_s += SMOOTHING * (cost - self.per_request_s)
+            self.batches += 1
+            weight = max(SMOOTHING, 1.0 / min(self.batches, SETTLE_BATCHES))
+            self.per_request_s += weight * (cost - self.per_request_s)
+
+    @property
+    def settled(self) -> bool:
+        return self.batches >= SETTLE_BATCHES
 
     def forget(self) -> None:
         """Drops the measured cost (a cold engine's first search says little of the next)."""
         with self._lock:
             self.per_request_s = 0.0
+            self.batches = 0
 
     def check(self, deadline: float, now: float | None = None) -> None:
         """Raises :class:`Overloaded` if a request due at `deadline` should not wait."""
@@ -79,7 +89,7 @@ class Admission:
         wait = expected_wait(self.ahead, self.per_request_s)
         if self.ahead >= self.max_queue:
             reason, why = "queue_full", f"{self.ahead} requests are waiting for the engine"
-        elif not self._paused and self.ahead > 0 and wait > self.max_wait_share * (deadline - now):
+        elif self._judges and self.ahead > 0 and wait > self.max_wait_share * (deadline - now):
             reason = "deadline"
             why = f"the engine's expected wait {wait:.2f} s would not leave the request's deadline"
         else:
@@ -87,18 +97,30 @@ class Admission:
         metrics.SHED.labels(reason).inc()
         raise Overloaded(reason, wait, f"overloaded: {why}; retry later")
 
+    @property
+    def _judges(self) -> bool:
+        """Whether the measure may refuse: settled, and not across a pause."""
+        return self.settled and not self._paused
+
     @contextmanager
     def paused(self) -> Iterator[None]:
         """While a new engine starts beside this one (a rollout), this engine waits for it
         (vLLM's process lock): the wait says nothing of the engine's cost, and refusing would
         turn a rollout into errors. Requests queue instead; one still waiting at its deadline
         falls back to ANN. The measure taken across the pause is dropped after it."""
-        self._paused = True
+        self.pause()
         try:
             yield
         finally:
-            self._paused = False
-            self.forget()
+            self.resume()
+
+    def pause(self) -> None:
+        """Starts a pause (see :meth:`paused`) that another step ends with :meth:`resume`."""
+        self._paused = True
+
+    def resume(self) -> None:
+        self._paused = False
+        self.forget()
 
     @contextmanager
     def admitted(self, deadline: float) -> Iterator[None]:

@@ -13,7 +13,7 @@ import pytest
 
 from model_store.generation import Beam, Engine, Prompt, SearchStats
 from service import metrics
-from service.admission import Admission, Overloaded, expected_wait
+from service.admission import SETTLE_BATCHES, Admission, Overloaded, expected_wait
 from service.api.auth import Forbidden, Guard, RateLimited, Unauthenticated, limits_uri
 from service.batcher import Batcher
 from service.settings import parse_api_keys
@@ -27,21 +27,41 @@ def test_the_expected_wait_is_everyone_ahead_then_oneself() -> None:
     assert expected_wait(5, 0.0) == 0.0  # nothing measured: no wait is predicted
 
 
-def test_the_cost_per_request_is_a_smoothed_mean_of_batches() -> None:
+def _settled(line: Admission, per_request_s: float) -> Admission:
+    for _ in range(SETTLE_BATCHES):
+        line.observe(1, per_request_s)
+    return line
+
+
+def test_the_cost_per_request_is_a_mean_then_a_smoothed_mean_of_batches() -> None:
     line = Admission(max_queue=100)
     line.observe(4, 0.4)  # the first batch sets it: 0.1 s a request
     assert line.per_request_s == pytest.approx(0.1)
-    line.observe(10, 0.5)  # 0.05 s a request, weighted 0.2
-    assert line.per_request_s == pytest.approx(0.1 + 0.2 * (0.05 - 0.1))
+    line.observe(10, 0.5)  # 0.05 s a request: the plain mean while the measure settles
+    assert line.per_request_s == pytest.approx(0.075)
     line.observe(0, 1.0)  # a batch that searched nothing (the engine failed) says nothing
-    assert line.per_request_s == pytest.approx(0.09)
+    assert line.batches == 2
+    _settled(line, 0.075)
+    line.observe(1, 0.175)  # settled: the newest batch weighs 0.2
+    assert line.per_request_s == pytest.approx(0.075 + 0.2 * 0.1)
     line.forget()
-    assert line.per_request_s == 0.0
+    assert line.per_request_s == 0.0 and not line.settled
+
+
+def test_one_slow_batch_of_a_fresh_measure_refuses_nobody() -> None:
+    line = Admission(max_queue=100, max_wait_share=0.5)
+    line.observe(1, 2.0)  # a cold first batch after a start or a swap
+    line.ahead = 3
+    line.check(deadline=1001.0, now=1000.0)  # queues: one batch is not a measure
+    for _ in range(SETTLE_BATCHES - 1):
+        line.observe(1, 0.01)
+    assert line.per_request_s == pytest.approx((2.0 + 4 * 0.01) / 5)
+    with pytest.raises(Overloaded):  # settled at 0.41 s a request: 1.6 s of wait
+        line.check(deadline=1001.0, now=1000.0)
 
 
 def test_while_paused_for_a_rollout_requests_queue_instead_of_being_refused() -> None:
-    line = Admission(max_queue=3, max_wait_share=0.5)
-    line.observe(1, 1.0)  # a second a request: anyone behind another would be refused
+    line = _settled(Admission(max_queue=3, max_wait_share=0.5), 1.0)  # a second a request: anyone behind another would be refused
     line.ahead = 2
     with pytest.raises(Overloaded):
         line.check(deadline=1001.0, now=1000.0)
@@ -54,8 +74,7 @@ def test_while_paused_for_a_rollout_requests_queue_instead_of_being_refused() ->
 
 
 def test_a_request_is_refused_when_its_wait_would_eat_its_deadline() -> None:
-    line = Admission(max_queue=100, max_wait_share=0.5)
-    line.observe(1, 0.1)
+    line = _settled(Admission(max_queue=100, max_wait_share=0.5), 0.1)
     now = 1000.0
     line.ahead = 3  # waits 0.4 s
     line.check(deadline=now + 0.81, now=now)  # 0.4 <= 0.5 × 0.81: admitted

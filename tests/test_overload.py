@@ -232,11 +232,9 @@ def test_a_bundle_swapped_under_load_loses_nothing_and_serves_the_new_version(
     body = rollout.json()
     assert body["bundle_version"] == gw.v2 and body["changed"]
     assert body["previous_version"] == gw.bundle.version  # what to roll back to
-    # Admission does not judge an engine by the turns it takes with a starting or draining
-    # one, yet the odd refusal (503 + Retry-After) still happens around a swap; never else.
-    refused = [sent for sent, status, _ in results if status == 503]
-    assert [status for _, status, _ in results if status not in (200, 503)] == []
-    assert len(refused) <= 0.1 * len(results), f"{len(refused)} of {len(results)} refused"
+    # Admission does not judge an engine by the turns it takes with a starting, draining or
+    # closing one: every request is answered.
+    assert [status for _, status, _ in results if status != 200] == []
     answered = [(sent, v) for sent, status, v in results if status == 200]
     before = {v for sent, v in answered if sent < swapped_at - body["seconds"] - 0.5}
     after = {v for sent, v in answered if sent > swapped_at}

@@ -111,6 +111,9 @@ class Runtime:
                 return _rollout(old.bundle, old.bundle, False, began)
             with old.recommendations.batcher.admission.paused():
                 new = await asyncio.to_thread(open_serving, self.settings, bundle, self.store)
+            # Paused before the swap, so no request meets the new engine unpaused while
+            # the old one still takes turns with it (see `_retire`).
+            new.recommendations.batcher.admission.pause()
             self._activate(new)
             self._spawn(self._retire(old, new))
             log.info("bundle rolled out", version=new.version, previous=old.version)
@@ -124,14 +127,17 @@ class Runtime:
 
     async def _retire(self, old: Serving, new: Serving) -> None:
         """Closes a replaced bundle once no request uses it (at most a few deadlines on).
-        Until then the two engines take turns, so the new one's admission does not judge
-        the engine by those turns either."""
+        Until it is closed the two engines take turns (closing one holds the other up too),
+        so the new one's admission, paused by `reload`, does not judge the engine by those
+        turns; it resumes from a fresh measure."""
         patience = 3 * self.settings.deadline_ms / 1000.0 + 5.0
-        with new.recommendations.batcher.admission.paused():
+        try:
             drained = await old.drained(patience)
-        if not drained:
-            log.warning("closing a replaced bundle with requests still on it", leases=old.leases)
-        await asyncio.to_thread(old.close)
+            if not drained:
+                log.warning("closing a replaced bundle with requests on it", leases=old.leases)
+            await asyncio.to_thread(old.close)
+        finally:
+            new.recommendations.batcher.admission.resume()
         log.info("replaced bundle closed", version=old.version)
 
     def _spawn(self, work: Any) -> None:

@@ -32,7 +32,7 @@ from model_store.prompts import MODES
 from model_store.recommend import Recommender
 from model_store.vocab import words_of
 from service import metrics, rules, taste
-from service.admission import Admission
+from service.admission import SETTLE_BATCHES, Admission
 from service.batcher import Batcher, DeadlineExceeded
 from service.ranking import Ranker, first_of_each
 from service.rules import Candidate, ItemFacts, RuleInput, Rules
@@ -110,12 +110,14 @@ class Recommendations:
 
     def warm(self) -> None:
         """Loads the sentence encoder and searches through the engine worker, so the first
-        request is not the slow one and admission starts from a warm engine's cost."""
+        request is not the slow one and admission starts from a warm engine's settled cost
+        (the cold first search is not part of it)."""
         self.ranker.warm()
         prompt = self.core.prompt(MODES["prompt"], [], None, None)
         width = self.settings.beam_width
-        for _ in range(2):
-            self.batcher.admission.forget()
+        for search in range(1 + SETTLE_BATCHES):
+            if search <= 1:
+                self.batcher.admission.forget()
             try:
                 self.batcher.submit(prompt, width, (), time.monotonic() + 60.0).result()
             except EngineError as e:  # a remote engine not up yet: requests fall back meanwhile

@@ -61,7 +61,8 @@ def test_one_slow_batch_of_a_fresh_measure_refuses_nobody() -> None:
 
 
 def test_while_paused_for_a_rollout_requests_queue_instead_of_being_refused() -> None:
-    line = _settled(Admission(max_queue=3, max_wait_share=0.5), 1.0)  # a second a request: anyone behind another would be refused
+    # a second a request: anyone behind another would be refused
+    line = _settled(Admission(max_queue=3, max_wait_share=0.5), 1.0)
     line.ahead = 2
     with pytest.raises(Overloaded):
         line.check(deadline=1001.0, now=1000.0)

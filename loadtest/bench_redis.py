@@ -127,15 +127,22 @@ def baseline_publish(
     histories: list[np.ndarray],
     batch: int,
 ) -> None:
-    """The plain way: one SET per key in a non-transactional pipeline, flushed every
+    """The plain way: one command per field in a non-transactional pipeline, flushed every
     `batch` users; same keys, same encoding as `publish`, then the same version flip."""
-    from model_store.userstate.keys import CURRENT, VERSIONS, emb_key, encode_history, hist_key
+    from model_store.userstate.keys import (
+        CURRENT,
+        VERSIONS,
+        emb_field,
+        encode_history,
+        hist_field,
+        state_key,
+    )
 
     half = np.asarray(embeddings, dtype="<f2")
     pipe = client.pipeline(transaction=False)
     for i, user in enumerate(user_ids):
-        pipe.set(emb_key(version, user), half[i].tobytes())
-        pipe.set(hist_key(version, user), encode_history(histories[i]))
+        pipe.hset(state_key(version, user), emb_field(user), half[i].tobytes())
+        pipe.hset(state_key(version, user), hist_field(user), encode_history(histories[i]))
         if (i + 1) % batch == 0:
             pipe.execute()
     pipe.execute()

@@ -24,6 +24,14 @@ RedisUrl = Annotated[
     str | None, typer.Option(envvar="REDIS_URL", help="Redis URL (default: embedded).")
 ]
 RedisDb = Annotated[Path, typer.Option(envvar="GENREC_REDIS_DB", help="Embedded Redis file.")]
+RedisCluster = Annotated[
+    bool,
+    typer.Option(
+        "--redis-cluster",
+        envvar="GENREC_REDIS_CLUSTER",
+        help="REDIS_URL names a node of a Redis Cluster.",
+    ),
+]
 DEFAULT_REDIS_DB = Path("data/redis.db")
 
 
@@ -185,6 +193,7 @@ def embed_users_command(
     bundle_dir: Annotated[Path, typer.Argument(help="Bundle directory.")],
     redis_url: RedisUrl = None,
     redis_db: RedisDb = DEFAULT_REDIS_DB,
+    redis_cluster: RedisCluster = False,
     address: Annotated[
         str | None, typer.Option(help="Ray cluster address (default: a local Ray).")
     ] = None,
@@ -205,7 +214,7 @@ def embed_users_command(
         bundle = load_bundle(bundle_dir)
     except BundleError as e:
         raise fail(str(e)) from e
-    options = EmbedOptions(snapshots, address, workers, batch_size, history_len)
+    options = EmbedOptions(snapshots, address, workers, batch_size, history_len, redis_cluster)
     url, embedded = redis_url_or_embedded(redis_url, redis_db)
     try:
         report = embed_users(bundle, url, options)

@@ -29,15 +29,23 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import redis
 
 from model_store.bundle import Bundle
-from model_store.userstate.connect import sync_client
+from model_store.userstate.connect import (
+    REDIS_ERRORS,
+    SyncClient,
+    node_clients,
+    pipelined,
+    sync_client,
+)
 from model_store.userstate.keys import (
+    BUCKETS,
     CONSUMED_TYPES,
-    EVENT_LOG,
     JOB_LOCK,
     NO_CHECKPOINT,
+    bucket_log_key,
+    checkpoint_before,
+    first_after,
     meta_key,
     stream_position,
 )
@@ -56,13 +64,14 @@ log = logging.getLogger(__name__)
 
 SNAPSHOT_INFO = "snapshot.json"
 EVENT_CHUNK = 10_000  # log entries per XRANGE
+PIPELINE = 1024  # commands per pipeline when every log shard is read or trimmed
 LOCK_S = 12 * 3600
 """How long a run may hold the job lock: a crashed run cannot block the next day's."""
 RETRIES = 3
 """Restarts of a dead actor and retries of its batch: a worker killed mid-run (node loss,
 OOM) does not fail the run, a worker that dies on every batch does (Ray's default of
 unlimited retries would spin forever)."""
-REDIS_TIMEOUT_S = 60.0  # one MSET of a few thousand users, on a busy server
+REDIS_TIMEOUT_S = 60.0  # one batch of a few thousand users, on a busy server
 BATCHES_PER_BLOCK = 4
 WRITE_DRAIN_S = 60.0  # longest wait for a failed run's writes in progress
 
@@ -74,6 +83,7 @@ class EmbedOptions:
     workers: int = 2
     batch_size: int = 4096
     history_len: int = 1000
+    redis_cluster: bool = False  # the Redis URL names a node of a Redis Cluster
 
     @property
     def block_rows(self) -> int:
@@ -202,7 +212,7 @@ def history_arrays(column: pa.ChunkedArray | pa.ListArray) -> list[np.ndarray]:
 class EmbedBatch:
     """The Ray Data actor: loads the user model once, then per batch applies the day's
     events, computes the embeddings, writes them to Redis under the new version (an
-    idempotent MSET, so a retried batch is harmless) and passes the batch on."""
+    idempotent HSET, so a retried batch is harmless) and passes the batch on."""
 
     def __init__(
         self,
@@ -212,6 +222,7 @@ class EmbedBatch:
         events: dict[str, list[int]],
         history_len: int,
         fence: Any,  # a WriteFence actor
+        cluster: bool = False,
     ) -> None:
         import torch
 
@@ -219,7 +230,7 @@ class EmbedBatch:
 
         torch.set_num_threads(1)  # one core per actor: `workers` is the parallelism
         self.model = load_user_model(Path(bundle_dir))
-        self.client = sync_client(redis_url, timeout_s=REDIS_TIMEOUT_S)
+        self.client = sync_client(redis_url, timeout_s=REDIS_TIMEOUT_S, cluster=cluster)
         self.version = version
         self.events = events
         self.history_len = history_len
@@ -339,7 +350,7 @@ def _text(raw: bytes | str | None) -> str:
     return raw.decode() if isinstance(raw, bytes) else (raw or "")
 
 
-def previous_version(client: redis.Redis) -> tuple[str, Path | None]:
+def previous_version(client: SyncClient) -> tuple[str, Path | None]:
     """(checkpoint, snapshot directory) of the current version; nothing current: no checkpoint."""
     current = current_version(client)
     if not current:
@@ -349,25 +360,64 @@ def previous_version(client: redis.Redis) -> tuple[str, Path | None]:
     return meta.get("checkpoint") or NO_CHECKPOINT, Path(snapshot) if snapshot else None
 
 
-def log_end(client: redis.Redis, checkpoint: str) -> str:
-    """The log's last entry now (this run's checkpoint), or `checkpoint` when nothing is new."""
-    last = client.xrevrange(EVENT_LOG, "+", "-", count=1)
-    if not last:
-        return checkpoint
-    end = _text(last[0][0])
+def log_end(client: SyncClient, checkpoint: str) -> str:
+    """This run's checkpoint: the last log position before the lowest clock of the primaries
+    now (never before `checkpoint`). A shard's new ids are at least its node's clock, so any
+    event logged from now on lies after it, on every shard, and this run reads every entry
+    up to it (see `model_store.userstate.keys`)."""
+    clocks = [node.time() for node in node_clients(client)]
+    now_ms = min(int(s) * 1000 + int(us) // 1000 for s, us in clocks)
+    end = checkpoint_before(now_ms)
     return end if stream_position(end) > stream_position(checkpoint) else checkpoint
 
 
-def log_entries(client: redis.Redis, after: str, end: str) -> Iterator[tuple[str, dict[str, str]]]:
-    """Entries after `after` up to `end`, in log order, read EVENT_CHUNK at a time."""
-    cursor = after
-    while stream_position(cursor) < stream_position(end):
-        chunk = client.xrange(EVENT_LOG, f"({cursor}", end, count=EVENT_CHUNK)
-        if not chunk:
-            return
-        for entry_id, fields in chunk:
-            yield _text(entry_id), {_text(k): _text(v) for k, v in (fields or {}).items()}
-        cursor = _text(chunk[-1][0])
+def log_entries(client: SyncClient, after: str, end: str) -> Iterator[tuple[str, dict[str, str]]]:
+    """Entries after `after` up to `end`, shard by shard (so each user's in log order), read
+    EVENT_CHUNK per shard per pipelined XRANGE."""
+    cursors = dict.fromkeys(range(BUCKETS), after)
+    if stream_position(after) >= stream_position(end):
+        return
+    while cursors:
+        buckets = list(cursors)
+        replies = pipelined(
+            client,
+            (_xrange(bucket_log_key(b), cursors[b], end) for b in buckets),
+            PIPELINE,
+        )
+        cursors = {}
+        for bucket, chunk in zip(buckets, replies, strict=True):
+            for entry_id, fields in chunk:
+                yield _text(entry_id), {_text(k): _text(v) for k, v in (fields or {}).items()}
+            if len(chunk) == EVENT_CHUNK:
+                cursors[bucket] = _text(chunk[-1][0])
+
+
+def _xrange(key: str, after: str, end: str) -> Any:
+    return lambda pipe: pipe.xrange(key, f"({after}", end, count=EVENT_CHUNK)
+
+
+def trim_log(client: SyncClient, checkpoint: str) -> None:
+    """Drops every shard's entries up to `checkpoint` (a published version holds them)."""
+    keep = first_after(checkpoint)
+    pipelined(
+        client,
+        (_xtrim(bucket_log_key(b), keep) for b in range(BUCKETS)),
+        PIPELINE,
+    )
+
+
+def _xtrim(key: str, keep: str) -> Any:
+    return lambda pipe: pipe.xtrim(key, minid=keep, approximate=False)
+
+
+def log_length(client: SyncClient) -> int:
+    """Entries in the event log, every shard (reads each shard's length: tools and tests)."""
+    lengths = pipelined(client, (_xlen(bucket_log_key(b)) for b in range(BUCKETS)), PIPELINE)
+    return int(sum(lengths))
+
+
+def _xlen(key: str) -> Any:
+    return lambda pipe: pipe.xlen(key)
 
 
 def _parquet_files(directory: Path) -> list[Path]:
@@ -379,14 +429,14 @@ def parquet_rows(directory: Path) -> int:
     return sum(pq.ParquetFile(p).metadata.num_rows for p in _parquet_files(directory))
 
 
-def discard_version(client: redis.Redis, version: str, snapshot: Path) -> None:
+def discard_version(client: SyncClient, version: str, snapshot: Path) -> None:
     """Best effort after a failed run: the version's keys and snapshot go; never those of a
     version that became current (a flip can fail after its SET)."""
     try:
         if current_version(client) == version:
             return
         delete_version(client, version)
-    except (redis.RedisError, OSError) as e:  # unknown state: the snapshot stays, too
+    except REDIS_ERRORS as e:  # unknown state: the snapshot stays, too
         log.warning("could not delete the failed version %s: %s", version, e)
         return
     shutil.rmtree(snapshot, ignore_errors=True)
@@ -478,7 +528,7 @@ def _embed_stage(
 class Plan:
     """What a run will do, read from Redis before any write."""
 
-    end: str  # this run's checkpoint: the log's last entry at the start
+    end: str  # this run's checkpoint: the log position the primaries' clocks had passed
     events: dict[str, list[int]]
     n_events: int
     base: Base
@@ -490,7 +540,7 @@ class Plan:
         return self.base.users + len(self.added)
 
 
-def plan_run(client: redis.Redis, bundle: Bundle) -> Plan:
+def plan_run(client: SyncClient, bundle: Bundle) -> Plan:
     after, previous = previous_version(client)
     end = log_end(client, after)
     uri_index = {str(u): i for i, u in enumerate(bundle.catalog["uri"])}
@@ -524,6 +574,7 @@ def _write_snapshot(
             "events": plan.events,
             "history_len": options.history_len,
             "fence": fence,
+            "cluster": options.redis_cluster,
         }
         try:
             _embed_stage(ds, udf, kwargs, options).write_parquet(
@@ -556,7 +607,7 @@ def embed_users(
     `udf`: the actor class (a subclass lets tests inject worker failures)."""
     options = options or EmbedOptions()
     start = time.perf_counter()
-    client = sync_client(redis_url, timeout_s=REDIS_TIMEOUT_S)
+    client = sync_client(redis_url, timeout_s=REDIS_TIMEOUT_S, cluster=options.redis_cluster)
     # One run at a time: two overlapping runs could trim log entries the other still needs.
     lock = client.lock(JOB_LOCK, timeout=LOCK_S, blocking=False)
     if not lock.acquire():
@@ -568,7 +619,7 @@ def embed_users(
 
 
 def _run(
-    client: redis.Redis,
+    client: SyncClient,
     bundle: Bundle,
     redis_url: str,
     options: EmbedOptions,
@@ -587,7 +638,7 @@ def _run(
         raise
     _delete_snapshots(options.snapshots, deleted)
     if plan.end != NO_CHECKPOINT:
-        client.xtrim(EVENT_LOG, minid=plan.end, approximate=False)
+        trim_log(client, plan.end)
     return EmbedReport(
         version=plan.version,
         users=plan.users,

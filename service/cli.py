@@ -16,6 +16,7 @@ from model_store.bundle import Bundle
 from model_store.cli import (
     DEFAULT_REDIS_DB,
     Preset,
+    RedisCluster,
     RedisDb,
     RedisUrl,
     fail,
@@ -41,6 +42,7 @@ def publish_embeddings(
     bundle_dir: Annotated[Path, typer.Argument(help="Bundle directory.")] = DEFAULT_BUNDLE,
     redis_url: RedisUrl = None,
     redis_db: RedisDb = DEFAULT_REDIS_DB,
+    redis_cluster: RedisCluster = False,
     history_len: int = 1000,
     force: Annotated[
         bool, typer.Option(help="Publish even when a version of this bundle is current.")
@@ -57,19 +59,21 @@ def publish_embeddings(
         raise fail(str(e)) from e
     url, embedded = redis_url_or_embedded(redis_url, redis_db)
     try:
-        typer.echo(_first_run(url, bundle, history_len, force))
+        typer.echo(_first_run(url, bundle, history_len, force, redis_cluster))
     finally:
         if embedded is not None:
             embedded.close()
 
 
-def _first_run(url: str, bundle: Bundle, history_len: int, force: bool) -> str:
+def _first_run(
+    url: str, bundle: Bundle, history_len: int, force: bool, cluster: bool = False
+) -> str:
     """Publishes the bundle's users unless a version of this bundle is current already."""
     from model_store.userstate.connect import sync_client
     from model_store.userstate.keys import bundle_of
     from model_store.userstate.publish import current_version, publish_bundle
 
-    client = sync_client(url)
+    client = sync_client(url, cluster=cluster)
     current = current_version(client)
     if current is not None and bundle_of(current) == bundle.version and not force:
         return f"kept {current}: a version of this bundle is current (--force to replace)"
@@ -187,7 +191,8 @@ def demo(
     from model_store.bundle import load_bundle
 
     url, embedded = redis_url_or_embedded(settings.redis_url, settings.redis_db)
-    typer.echo(_first_run(url, load_bundle(bundle), settings.history_len, force=False))
+    cluster = settings.redis_cluster
+    typer.echo(_first_run(url, load_bundle(bundle), settings.history_len, False, cluster))
     users = set(load_bundle(bundle).users["user_id"].astype(str))
     sample = "196" if "196" in users else sorted(users)[0]
     body = json.dumps({"user_id": sample, "k": 10})

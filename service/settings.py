@@ -52,6 +52,12 @@ class Settings(BaseSettings):
     engine_url: str = Field(
         "http://127.0.0.1:8100", description="vLLM OpenAI server (engine=remote)."
     )
+    engine_urls: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="vLLM OpenAI servers, comma-separated: replicas of one model (engine="
+        "remote); each search goes to one by rendezvous hashing, failing over to the next. "
+        "Empty: `GENREC_ENGINE_URL` alone.",
+    )
     kv_cache_gib: float = Field(1.0, description="KV-cache size of the in-process engine.")
     beam_width: int = Field(
         20, ge=1, le=256, description="Beams (distinct candidates) per request."
@@ -70,6 +76,14 @@ class Settings(BaseSettings):
     )
     redis_cooldown_s: float = Field(
         2.0, ge=0, description="After a Redis error, skip Redis this long (no retry storm)."
+    )
+    redis_cluster: bool = Field(
+        False, description="REDIS_URL names a node of a Redis Cluster (its topology is found)."
+    )
+    redis_version_refresh_s: float = Field(
+        2.0,
+        gt=0,
+        description="How often a gateway reads the active user-state version again (cached).",
     )
     history_len: int = Field(
         1000, ge=1, description="Items kept per user in Redis (the no-repeats rule reads them)."
@@ -120,7 +134,7 @@ class Settings(BaseSettings):
     )
     log_json: bool = Field(False, description="Structured logs as JSON lines.")
 
-    @field_validator("rules", mode="before")
+    @field_validator("rules", "engine_urls", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):

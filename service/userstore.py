@@ -1,72 +1,74 @@
 """The gateway's Redis access: user state in one round trip per request, taste-profile
-edits with compare-and-set, and listening events appended atomically.
+edits with compare-and-set, and listening events appended atomically, on one Redis server or
+a Redis Cluster alike.
 
-A reader gets the version (and its checkpoint), embedding, history, taste-profile edits,
-live events and feedback sets in one Lua script call, so it never sees a half-published
-version (``emb:current`` flips only after every key of a version is written). An event is
-deduplicated, logged and added to its user's live list in one script. Key names come from
-:mod:`model_store.userstate.keys`.
+The active version (and its checkpoint) is cached here and refreshed every few seconds in
+the background, never read per request (in a cluster that key would be one hot shard). A
+reader passes its cached version to one Lua script that returns that version's embedding
+and history with the user's taste-profile edits, live events and feedback sets: every key
+it touches is declared and carries the user's hash tag, so it is one slot and one call, and
+one answer never mixes two versions. Versions are complete when made current and the
+publisher keeps the previous one, so a cache a few seconds old still reads a whole version.
+An event is deduplicated, logged in its bucket's log shard and added to its user's live list
+in one script. Key names come from :mod:`model_store.userstate.keys`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import redis
-import redis.asyncio as aredis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
+import structlog
 
+from model_store.userstate.connect import REDIS_ERRORS, async_client
 from model_store.userstate.keys import (
-    CURRENT,
-    EMB,
-    EVENT_LOG,
-    HIST,
+    ACTIVE,
+    BUCKETS,
     LIVE_MAX,
+    bucket_log_key,
+    bucket_of,
     bundle_of,
     decode_embedding,
     decode_history,
     dislikes_key,
+    emb_field,
+    hist_field,
     live_key,
-    lua_key,
-    lua_meta_key,
-    lua_versioned_key,
     profile_key,
     seen_event_key,
     skips_key,
+    state_key,
 )
 
-# KEYS: current, profile, live, dislikes, skips; ARGV: user.
-_FETCH = f"""
+log = structlog.get_logger(__name__)
+
+# KEYS: state (of the cached version), profile, live, dislikes, skips; ARGV: embedding
+# field, history field, '1' when a version is current.
+_FETCH = """
+local state = {false, false}
+if ARGV[3] == '1' then state = redis.call('HMGET', KEYS[1], ARGV[1], ARGV[2]) end
 local profile = redis.call('HMGET', KEYS[2], 'rev', 'edits')
-local live = redis.call('LRANGE', KEYS[3], 0, -1)
-local dislikes = redis.call('SMEMBERS', KEYS[4])
-local skips = redis.call('SMEMBERS', KEYS[5])
-local v = redis.call('GET', KEYS[1])
-if not v then
-  return {{false, false, false, profile[1], profile[2], false, live, dislikes, skips}}
-end
-return {{v, redis.call('GET', {lua_versioned_key(EMB, "v", "ARGV[1]")}),
-        redis.call('GET', {lua_versioned_key(HIST, "v", "ARGV[1]")}), profile[1], profile[2],
-        redis.call('HGET', {lua_meta_key("v")}, 'checkpoint'), live, dislikes, skips}}
+return {state[1], state[2], profile[1], profile[2], redis.call('LRANGE', KEYS[3], 0, -1),
+        redis.call('SMEMBERS', KEYS[4]), redis.call('SMEMBERS', KEYS[5])}
 """
 
-# KEYS: the event log; ARGV: dedup seconds, live cap, then (id, user, uri, type, ts) per
-# event. Per event: its log entry id, or 0 when the id was seen before. Then the log length.
-_APPEND_EVENTS = f"""
-local out = {{}}
+# KEYS: the bucket's log shard, then per event (seen, live, dislikes, skips); ARGV: dedup
+# seconds, live cap, then per event (id, user, uri, type, ts); all events of one bucket.
+# Per event: its log entry id, or 0 when the id was seen before. Then the shard's length.
+_APPEND_EVENTS = """
+local out = {}
+local k = 1
 for b = 3, #ARGV, 5 do
-  local id, user, uri, kind = ARGV[b], ARGV[b + 1], ARGV[b + 2], ARGV[b + 3]
-  if redis.call('SET', {lua_key(seen_event_key, "id")}, '1', 'NX', 'EX', ARGV[1]) then
-    local entry = redis.call('XADD', KEYS[1], '*', 'e', id, 'u', user, 'i', uri, 't', kind,
-                             'ts', ARGV[b + 4])
-    local live = {lua_key(live_key, "user")}
-    redis.call('RPUSH', live, entry .. ' ' .. kind .. ' ' .. uri)
-    redis.call('LTRIM', live, -tonumber(ARGV[2]), -1)
-    local dislikes, skips = {lua_key(dislikes_key, "user")}, {lua_key(skips_key, "user")}
+  local id, uri, kind = ARGV[b], ARGV[b + 2], ARGV[b + 3]
+  if redis.call('SET', KEYS[k + 1], '1', 'NX', 'EX', ARGV[1]) then
+    local entry = redis.call('XADD', KEYS[1], '*', 'e', id, 'u', ARGV[b + 1], 'i', uri,
+                             't', kind, 'ts', ARGV[b + 4])
+    redis.call('RPUSH', KEYS[k + 2], entry .. ' ' .. kind .. ' ' .. uri)
+    redis.call('LTRIM', KEYS[k + 2], -tonumber(ARGV[2]), -1)
+    local dislikes, skips = KEYS[k + 3], KEYS[k + 4]
     if kind == 'dislike' then
       redis.call('SADD', dislikes, uri)
       redis.call('SREM', skips, uri)
@@ -80,6 +82,7 @@ for b = 3, #ARGV, 5 do
   else
     out[#out + 1] = 0
   end
+  k = k + 4
 end
 out[#out + 1] = redis.call('XLEN', KEYS[1])
 return out
@@ -108,7 +111,7 @@ class UserState:
     history: np.ndarray | None
     edits: str | None = None  # taste-profile edits, JSON
     revision: int = 0  # of the edits
-    checkpoint: str | None = None  # the last logged event the version's histories include
+    checkpoint: str | None = None  # the last log position the version's histories include
     live: tuple[str, ...] = ()  # recent events, `<log id> <type> <URI>`, oldest first
     dislikes: frozenset[str] = frozenset()  # URIs
     skips: frozenset[str] = frozenset()  # URIs
@@ -131,21 +134,32 @@ class LoggedEvent:
 
 class UserStore:
     """The gateway's reader: one round trip per request, short timeouts, no retries, and
-    after a failure Redis is skipped for `cooldown_s` so a dead server costs nothing."""
+    after a failure Redis is skipped for `cooldown_s` so a dead server costs nothing.
 
-    def __init__(self, url: str, timeout_s: float, cooldown_s: float) -> None:
+    `cluster`: `url` names any node of a Redis Cluster. `refresh_s`: how often the active
+    version is read again (a flip reaches the gateway within this plus one round trip)."""
+
+    def __init__(
+        self,
+        url: str,
+        timeout_s: float,
+        cooldown_s: float,
+        *,
+        cluster: bool = False,
+        refresh_s: float = 2.0,
+    ) -> None:
         self.url = url
+        self.timeout_s = timeout_s
         self.cooldown_s = cooldown_s
-        self._client = aredis.Redis.from_url(
-            url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            retry=Retry(NoBackoff(), 0),
-        )
+        self.cluster = cluster
+        self.refresh_s = refresh_s
+        self._client: Any = async_client(url, timeout_s, cluster)
         self._fetch: Any = self._client.register_script(_FETCH)
         self._set_edits: Any = self._client.register_script(_SET_EDITS)
         self._append_events: Any = self._client.register_script(_APPEND_EVENTS)
         self._down_until = 0.0
+        self._active: tuple[str | None, str | None] | None = None  # (version, checkpoint)
+        self._refreshing: asyncio.Task[None] | None = None
 
     @property
     def healthy(self) -> bool:
@@ -155,9 +169,9 @@ class UserStore:
         self._down_until = time.monotonic() + self.cooldown_s
 
     @property
-    def pool(self) -> aredis.ConnectionPool:
-        """The connections (timeouts, no retries), for other clients of the same Redis."""
-        return self._client.connection_pool
+    def client(self) -> Any:
+        """The client (timeouts, no retries), for other users of the same Redis."""
+        return self._client
 
     async def call(self, coro: Any) -> Any:
         """Awaits one Redis call: StoreUnavailable when it fails or Redis is being skipped."""
@@ -166,21 +180,51 @@ class UserStore:
             raise StoreUnavailable("redis skipped after a recent failure")
         try:
             return await coro
-        except (redis.RedisError, OSError) as e:
+        except REDIS_ERRORS as e:
             self.mark_down()
             raise StoreUnavailable(f"redis: {type(e).__name__}: {e}") from e
 
+    async def active_version(self) -> tuple[str | None, str | None]:
+        """(version, checkpoint) served now, as cached: read at the first call, then every
+        `refresh_s` by a background task (a failed refresh keeps the cached one)."""
+        if self._active is None:
+            await self._refresh()
+        if self._refreshing is None:
+            self._refreshing = asyncio.get_running_loop().create_task(self._refresh_loop())
+        assert self._active is not None
+        return self._active
+
+    async def _refresh(self) -> None:
+        version, checkpoint = await self.call(self._client.hmget(ACTIVE, ["version", "checkpoint"]))
+        self._active = (_text(version), _text(checkpoint))
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_s)
+            try:
+                await self._refresh()
+            except StoreUnavailable as e:
+                log.warning("active version not refreshed; keeping the cached one", error=str(e))
+
     async def fetch(self, user: str) -> UserState:
-        keys = [CURRENT, profile_key(user), live_key(user), dislikes_key(user), skips_key(user)]
-        reply = await self.call(self._fetch(keys=keys, args=[user]))
-        version, emb, hist, rev, edits, checkpoint, live, dislikes, skips = reply
+        version, checkpoint = await self.active_version()
+        keys = [
+            state_key(version or "", user),
+            profile_key(user),
+            live_key(user),
+            dislikes_key(user),
+            skips_key(user),
+        ]
+        args = [emb_field(user), hist_field(user), "1" if version else "0"]
+        reply = await self.call(self._fetch(keys=keys, args=args))
+        emb, hist, rev, edits, live, dislikes, skips = reply
         return UserState(
-            version=_text(version),
+            version=version,
             embedding=None if emb is None else decode_embedding(emb),
             history=None if hist is None else decode_history(hist),
             edits=_text(edits),
             revision=int(rev or 0),
-            checkpoint=_text(checkpoint),
+            checkpoint=checkpoint if version else None,
             live=tuple(e.decode() for e in live),
             dislikes=frozenset(u.decode() for u in dislikes),
             skips=frozenset(u.decode() for u in skips),
@@ -190,13 +234,35 @@ class UserStore:
         self, events: list[LoggedEvent], dedup_s: int
     ) -> tuple[list[str | None], int]:
         """Logs each event not seen in the last `dedup_s` seconds and adds it to its user's
-        live list, atomically: (log entry id, or None for a duplicate, per event; log length)."""
-        args: list[str | int | float] = [dedup_s, LIVE_MAX]
-        for e in events:
-            args += [e.event_id, e.user_id, e.item, e.type, e.ts]
-        reply = await self.call(self._append_events(keys=[EVENT_LOG], args=args))
-        ids = [None if entry == 0 else entry.decode() for entry in reply[:-1]]
-        return ids, int(reply[-1])
+        live list, atomically per bucket (one script call per bucket the events touch, all
+        at once): (log entry id, or None for a duplicate, per event; the log's length,
+        estimated from the shards touched). A failed call fails the whole batch; events it
+        did log are duplicates when the client sends the batch again."""
+        groups: dict[int, list[int]] = {}
+        for i, e in enumerate(events):
+            groups.setdefault(bucket_of(e.user_id), []).append(i)
+        batches = []
+        for bucket, members in groups.items():
+            keys = [bucket_log_key(bucket)]
+            args: list[str | int | float] = [dedup_s, LIVE_MAX]
+            for i in members:
+                e = events[i]
+                u = e.user_id
+                keys += [seen_event_key(u, e.event_id), live_key(u), dislikes_key(u), skips_key(u)]
+                args += [e.event_id, u, e.item, e.type, e.ts]
+            batches.append((keys, args))
+        replies = await self.call(self._append_all(batches))
+        ids: list[str | None] = [None] * len(events)
+        lengths = []
+        for members, reply in zip(groups.values(), replies, strict=True):
+            for i, entry in zip(members, reply[:-1], strict=True):
+                ids[i] = None if entry == 0 else entry.decode()
+            lengths.append(int(reply[-1]))
+        return ids, round(sum(lengths) / max(len(lengths), 1) * BUCKETS)
+
+    async def _append_all(self, batches: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        calls = (self._append_events(keys=keys, args=args) for keys, args in batches)
+        return list(await asyncio.gather(*calls))
 
     async def get_edits(self, user: str) -> tuple[int, str | None]:
         """(revision, edits JSON or None) of the user's taste profile."""
@@ -218,6 +284,9 @@ class UserStore:
             return False
 
     async def close(self) -> None:
+        if self._refreshing is not None:
+            self._refreshing.cancel()
+            await asyncio.gather(self._refreshing, return_exceptions=True)
         await self._client.aclose()
 
 

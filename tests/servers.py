@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -72,6 +74,154 @@ class RedisServer:
             self.proc.wait(10)
             self.proc = None
             self.socket.unlink(missing_ok=True)
+
+
+REDIS_SERVER = Path("/usr/bin/redis-server")
+REDIS_CLI = Path("/usr/bin/redis-cli")
+CLUSTER_BUS_OFFSET = 10_000  # a cluster node also listens on its port + 10000
+
+
+def free_cluster_ports(n: int) -> list[int]:
+    """`n` distinct loopback ports that are free, each with its cluster-bus port free too
+    (ephemeral ports are too high for that: the bus port would pass 65535)."""
+    rng = random.Random()
+    ports: list[int] = []
+    while len(ports) < n:
+        port = rng.randrange(20_000, 30_000)
+        if port in ports:
+            continue
+        try:
+            with socket.socket() as a, socket.socket() as b:
+                a.bind(("127.0.0.1", port))
+                b.bind(("127.0.0.1", port + CLUSTER_BUS_OFFSET))
+        except OSError:
+            continue
+        ports.append(port)
+    return ports
+
+
+class RedisCluster:
+    """A real Redis Cluster on loopback ports: `primaries` redis-server processes, each with
+    `replicas` replicas, created with `redis-cli --cluster create` (Debian's redis-server;
+    tests skip without it). Nodes declare a peer failed after `node_timeout_ms`, and the
+    cluster keeps serving the slots it still covers meanwhile (full coverage not required),
+    so losing one primary degrades only that primary's users until its replica takes over."""
+
+    def __init__(
+        self, directory: Path, primaries: int = 3, replicas: int = 1, node_timeout_ms: int = 1000
+    ) -> None:
+        self.dir = directory
+        self.node_timeout_ms = node_timeout_ms
+        self.replicas = replicas
+        self.ports = free_cluster_ports(primaries * (1 + replicas))
+        self.procs: dict[int, subprocess.Popen[bytes]] = {}
+        self.url = f"redis://127.0.0.1:{self.ports[0]}"
+
+    @staticmethod
+    def available() -> bool:
+        return REDIS_SERVER.is_file() and REDIS_CLI.is_file()
+
+    def _start_node(self, port: int) -> None:
+        node_dir = self.dir / str(port)
+        node_dir.mkdir(parents=True, exist_ok=True)
+        self.procs[port] = subprocess.Popen(
+            [
+                str(REDIS_SERVER), "--port", str(port), "--bind", "127.0.0.1",
+                "--dir", str(node_dir), "--save", "", "--appendonly", "no",
+                "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                "--cluster-node-timeout", str(self.node_timeout_ms),
+                "--cluster-require-full-coverage", "no",
+                "--cluster-replica-validity-factor", "0",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+
+    def start(self) -> None:
+        try:
+            self._create()
+        except BaseException:
+            self.stop()  # no node outlives a failed start
+            raise
+
+    def _create(self) -> None:
+        for port in self.ports:
+            self._start_node(port)
+        for port in self.ports:
+            self._wait(functools.partial(self._answers, port), "node did not start")
+        nodes = [f"127.0.0.1:{p}" for p in self.ports]
+        subprocess.run(
+            [str(REDIS_CLI), "--cluster", "create", *nodes,
+             "--cluster-replicas", str(self.replicas), "--cluster-yes"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )  # fmt: skip
+        self.wait_healthy()
+
+    def _cli(self, port: int, *args: str) -> str:
+        out = subprocess.run(
+            [str(REDIS_CLI), "-p", str(port), *args], capture_output=True, text=True, timeout=5
+        )
+        return out.stdout.strip()
+
+    def _answers(self, port: int) -> bool:
+        return self._cli(port, "PING") == "PONG"
+
+    def _wait(self, ok: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not ok():
+            if time.monotonic() > deadline:
+                raise RuntimeError(what)
+            time.sleep(0.05)
+
+    def wait_healthy(self, timeout: float = 30.0) -> None:
+        """Every live node says the cluster is ok, with all slots served by live primaries,
+        and every primary has its replicas attached (so a failover can happen)."""
+
+        def ok() -> bool:
+            live = [p for p in self.ports if p in self.procs]
+            if any("cluster_state:ok" not in self._cli(p, "CLUSTER", "INFO") for p in live):
+                return False
+            primaries = self.primaries()
+            if len(primaries) * (1 + self.replicas) != len(live):
+                return False
+            return all(
+                f"connected_slaves:{self.replicas}" in self._cli(p, "INFO", "replication")
+                for p in primaries
+            )
+
+        self._wait(ok, "the cluster did not become healthy", timeout)
+
+    def primaries(self) -> list[int]:
+        """Ports of the live primaries that serve slots, as the cluster sees them now."""
+        live = [p for p in self.ports if p in self.procs]
+        out = []
+        for line in self._cli(live[0], "CLUSTER", "NODES").splitlines():
+            fields = line.split()
+            flags = fields[2].split(",")
+            port = int(fields[1].split("@")[0].rsplit(":", 1)[1])
+            if "master" in flags and "fail" not in flags and len(fields) > 8 and port in live:
+                out.append(port)
+        return sorted(out)
+
+    def kill(self, port: int) -> None:
+        """SIGKILL one node: a crash (its replica takes over after the node timeout)."""
+        proc = self.procs.pop(port)
+        proc.kill()
+        proc.wait(10)
+
+    def restart(self, port: int) -> None:
+        """A killed node back (it rejoins from its nodes.conf, as a replica)."""
+        self._start_node(port)
+        self._wait(functools.partial(self._answers, port), "node did not restart")
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            proc.kill()
+        for proc in self.procs.values():
+            proc.wait(10)
+        self.procs.clear()
 
 
 class ServiceProcess:

@@ -27,6 +27,7 @@ from model_store.embed_users import (
     embed_users,
     extend_histories,
     history_arrays,
+    log_length,
     new_users,
     parquet_rows,
     users_table,
@@ -35,15 +36,12 @@ from model_store.user_model import user_states
 from model_store.userstate.connect import sync_client
 from model_store.userstate.keys import (
     CURRENT,
-    EVENT_LOG,
     JOB_LOCK,
-    decode_embedding,
-    decode_history,
-    emb_key,
-    hist_key,
+    event_log_key,
     meta_key,
+    stream_position,
 )
-from model_store.userstate.publish import publish_bundle
+from model_store.userstate.publish import publish_bundle, read_user
 from tests.servers import RedisServer
 
 ATOL = 2e-3  # float16 in Redis and in the snapshot
@@ -146,7 +144,7 @@ def bundle(tiny_bundle: Path) -> Bundle:
 def _log(client: redis.Redis, user: str, uri: str, kind: str = "play") -> str:
     fields: dict[FieldT, EncodableT] = {"e": f"{user}-{kind}-{uri}", "u": user, "i": uri}
     fields.update({"t": kind, "ts": "0"})
-    return client.xadd(EVENT_LOG, fields).decode()  # type: ignore[union-attr]
+    return client.xadd(event_log_key(user), fields).decode()  # type: ignore[union-attr]
 
 
 def _current(client: redis.Redis) -> str | None:
@@ -155,11 +153,15 @@ def _current(client: redis.Redis) -> str | None:
 
 
 def _embedding(client: redis.Redis, version: str, user: str) -> np.ndarray:
-    return decode_embedding(client.get(emb_key(version, user)))  # type: ignore[arg-type]
+    embedding, _ = read_user(client, version, user)
+    assert embedding is not None
+    return embedding
 
 
 def _history(client: redis.Redis, version: str, user: str) -> list[int]:
-    return decode_history(client.get(hist_key(version, user))).tolist()  # type: ignore[arg-type]
+    _, history = read_user(client, version, user)
+    assert history is not None
+    return history.tolist()
 
 
 def _options(tmp_path: Path, batch_size: int = 32) -> EmbedOptions:
@@ -195,9 +197,10 @@ def test_two_runs_apply_each_event_once_build_on_the_snapshot_and_trim_the_log(
     first = embed_users(bundle, url, _options(tmp_path))
 
     assert (first.users, first.new_users, first.events) == (len(ids) + 1, 1, 7)
-    assert _current(client) == first.version and first.checkpoint == last
+    assert _current(client) == first.version
+    assert stream_position(first.checkpoint) >= stream_position(last)  # every entry is in
     meta = {k.decode(): v.decode() for k, v in client.hgetall(meta_key(first.version)).items()}  # type: ignore[union-attr]
-    assert meta["checkpoint"] == last and meta["snapshot"] == first.snapshot
+    assert meta["checkpoint"] == first.checkpoint and meta["snapshot"] == first.snapshot
     assert parquet_rows(Path(first.snapshot)) == first.users
     _assert_bundle_embeddings(client, first.version, bundle, skip={active})
     grown = [*bundle.histories[0].tolist(), 10, 12]
@@ -210,18 +213,19 @@ def test_two_runs_apply_each_event_once_build_on_the_snapshot_and_trim_the_log(
     )
     assert _history(client, first.version, newcomer) == [20, 22]
     assert np.linalg.norm(_embedding(client, first.version, newcomer)) > 0.5
-    assert client.xlen(EVENT_LOG) == 1  # trimmed to the checkpoint entry itself
+    assert log_length(client) == 0  # every shard trimmed up to the checkpoint
 
     _log(client, active, uris[30])
     last = _log(client, newcomer, uris[31], "finish")
     second = embed_users(bundle, url, _options(tmp_path))
 
     assert (second.users, second.new_users, second.events) == (len(ids) + 1, 0, 2)
-    assert _current(client) == second.version and second.checkpoint == last
+    assert _current(client) == second.version
+    assert stream_position(second.checkpoint) >= stream_position(last)
     assert _history(client, second.version, active) == [*grown, 30]  # 10, 12 not applied twice
     assert _history(client, second.version, newcomer) == [20, 22, 31]
     _assert_bundle_embeddings(client, second.version, bundle, skip={active})
-    assert client.xlen(EVENT_LOG) == 1
+    assert log_length(client) == 0
     assert len(second.deleted_versions) == 1  # the day-0 version; the first run's is kept
     assert parquet_rows(Path(second.snapshot)) == second.users
 
@@ -280,11 +284,9 @@ def test_a_failed_run_keeps_the_old_version_and_the_log_and_leaves_nothing_behin
         embed_users(bundle, url, options, udf=_fail_on(last_user))
 
     assert _current(client) == before
-    assert client.xlen(EVENT_LOG) == 1
-    versions = {k.decode().split(":")[1] for k in client.scan_iter(match="emb:*:*")}
-    assert versions <= {before, "meta"}  # the failed version's keys are gone
-    hists = {k.decode().split(":")[1] for k in client.scan_iter(match="hist:*")}
-    assert hists == {before}
+    assert log_length(client) == 1
+    versions = {k.decode().split(":", 2)[2] for k in client.scan_iter(match="state:*")}
+    assert versions == {before}  # the failed version's keys are gone
     # Its snapshot directory is removed; a write task still running on the shared Ray may
     # leave a stray part file, but never the snapshot.json a later run would build on.
     assert not list(options.snapshots.glob("*/snapshot.json"))

@@ -27,7 +27,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from loadtest.load import run_load
 from model_store.bundle import MANIFEST, Bundle, write_manifest
 from model_store.userstate.connect import sync_client
-from model_store.userstate.keys import EVENT_LOG, profile_key
+from model_store.userstate.keys import event_log_key, profile_key
 from service.proto import next_episode_pb2 as pb
 from service.proto import next_episode_pb2_grpc as pb_grpc
 from tests.servers import RedisServer, ServiceProcess, published_service
@@ -267,13 +267,13 @@ def test_edits_and_events_survive_a_redis_crash_with_aof(gw: Gateway) -> None:
     event = {"event_id": f"aof-{time.time_ns()}", "user_id": user, "item": item, "type": "dislike"}
     r = httpx.post(gw.url("/v1/events"), json={"events": [event]}, headers=APP)
     assert r.status_code == 202 and r.json()["accepted"] == 1
-    logged = sync_client(gw.redis.url).xlen(EVENT_LOG)
+    logged = sync_client(gw.redis.url).xlen(event_log_key(user))
     time.sleep(1.5)  # appendfsync everysec: on disk within a second
     gw.redis.kill()  # a crash: nothing is saved on the way down
     gw.redis.start()
     store = sync_client(gw.redis.url)
     assert store.hget(profile_key(user), "rev") == str(revision).encode()
-    assert store.xlen(EVENT_LOG) == logged
+    assert store.xlen(event_log_key(user)) == logged
     deadline = time.monotonic() + 10
     while True:  # the gateway reconnects after its cool-down
         body = httpx.get(profile, headers=APP).json()

@@ -1,49 +1,70 @@
 """The Redis key schema and value encodings: the one place key names are written.
 
-The batch publisher, the gateway's reader and the reader's Lua scripts all take their key
-names from here (the scripts through :func:`lua_versioned_key`, rendered from the same
-constants), so the three can never disagree.
+One schema serves a single Redis server and a Redis Cluster alike. Every key that belongs to
+a user carries the hash tag of the user's *bucket*, ``{b<N>}`` (N = crc32 of the user id
+modulo :data:`BUCKETS`), so all of a user's state sits in one cluster slot and one script
+call can read or change it. The tag is the bucket and not the user because an event must be
+appended to the durable log and to its user's live list in one script: the log is sharded
+per bucket, so each log shard shares its slot with the users it records.
 
-* ``emb:current``            → the active version, ``<bundle version>@<publish time>``
-* ``emb:versions``           → published versions, newest first (old ones are deleted)
-* ``emb:{version}:{user}``   → the user's embedding, float16 bytes
-* ``hist:{version}:{user}``  → the user's recent item indices (bundle indices), int32 bytes
-* ``emb:meta:{version}``     → hash {checkpoint, snapshot, users, published_at} of a version
-* ``emb:job``                → the lock of the running daily job (one run at a time)
-* ``profile:{user}``         → taste-profile edits: hash {rev, edits (JSON)}, not versioned
+Per user (``{b}`` is the user's bucket tag):
 
-Histories are versioned with the embeddings because item indices belong to one bundle.
-
-Listening events (the real-time loop):
-
-* ``events:log``             → the durable event log, a Stream: fields e (event id), u (user),
-                               i (item URI), t (type), ts (seconds since the epoch)
-* ``evseen:{event id}``      → an event id seen recently (deduplication, expires)
-* ``live:{user}``            → the user's recent events, ``<stream id> <type> <URI>``, newest
+* ``state:{b}:{version}``    → hash of a published version's users in bucket b: field
+                               ``e:<user>`` the embedding (float16 bytes), ``h:<user>`` the
+                               recent item indices (int32 bytes; they belong to one bundle)
+* ``profile:{b}:{user}``     → taste-profile edits: hash {rev, edits (JSON)}, not versioned
+* ``events:{b}``             → bucket b's shard of the durable event log, a Stream: fields
+                               e (event id), u (user), i (item URI), t (type), ts (seconds)
+* ``evseen:{b}:{event id}``  → an event id seen recently (deduplication, expires)
+* ``live:{b}:{user}``        → the user's recent events, ``<stream id> <type> <URI>``, newest
                                last, capped at :data:`LIVE_MAX`
-* ``dislike:{user}``         → URIs the user disliked (a set; never recommended again)
-* ``skip:{user}``            → URIs the user skipped (a set; demoted)
+* ``dislike:{b}:{user}``     → URIs the user disliked (a set; never recommended again)
+* ``skip:{b}:{user}``        → URIs the user skipped (a set; demoted)
 
-An event is appended to the log and to the user's live list in one script, so what the
-history shows and what the daily job reads cannot disagree. A version's ``checkpoint`` is
-the last log entry its histories include: the reader adds only live events after it, so
-an event is counted once whichever side of a flip it arrives on. Live entries hold URIs,
-not item indices, so they survive a new bundle.
+A version is one hash per bucket, so deleting one is an UNLINK of :data:`BUCKETS` known key
+names per kind, never a scan.
+
+Control keys, all under one tag (``{ctl}``) so a flip is one atomic script in a cluster too:
+
+* ``emb:{ctl}:current``      → the active version, ``<bundle version>@<publish time>``
+* ``emb:{ctl}:active``       → hash {version, checkpoint}: the same, with its checkpoint, in
+                               one read (what gateways cache)
+* ``emb:{ctl}:versions``     → published versions, newest first (old ones are deleted)
+* ``emb:{ctl}:meta:{version}`` → hash {checkpoint, snapshot, users, published_at}
+* ``emb:{ctl}:job``          → the lock of the running daily job (one run at a time)
+
+Gateways cache the active version (and its checkpoint) for a few seconds instead of
+reading ``emb:{ctl}:active`` per request, which in a cluster would be one hot key on one
+shard; a reader passes its cached version to the fetch script, which reads that version's
+embedding and history only, so one answer never mixes two versions.
+
+A version's ``checkpoint`` is the last log position its histories include, the same on
+every shard: ``<ms>-<max seq>`` where ms is just below the lowest clock of the primaries
+when the daily job started (see ``model_store.embed_users``). Stream ids on a shard are at
+least that shard's clock, so every event logged after the job read the clocks lies after
+the checkpoint on its own shard, and the reader adds exactly the live events after it: an
+event is counted once whichever side of a flip it arrives on. Live entries hold URIs, not
+item indices, so they survive a new bundle.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import zlib
+from collections.abc import Iterable
 
 import numpy as np
 
-EMB = "emb"
-HIST = "hist"
-PROFILE = "profile"
-CURRENT = f"{EMB}:current"
-VERSIONS = f"{EMB}:versions"
-EVENT_LOG = "events:log"
-JOB_LOCK = f"{EMB}:job"
+BUCKETS = 16384
+"""Buckets (hash tags) users are spread over. As many as a cluster has slots: with B buckets
+over P primaries each primary holds B/P ± sqrt(B/P) of them, so 16384 keeps the memory of
+64 primaries within ±6 % (1σ) of each other, where 1024 buckets would leave ±25 %. The
+daily job reads every bucket's log shard (pipelined per node, a fraction of a second)."""
+
+CONTROL_TAG = "{ctl}"
+CURRENT = f"emb:{CONTROL_TAG}:current"
+ACTIVE = f"emb:{CONTROL_TAG}:active"
+VERSIONS = f"emb:{CONTROL_TAG}:versions"
+JOB_LOCK = f"emb:{CONTROL_TAG}:job"
 """Held by the running `embed-users` job (a redis-py lock with an expiry)."""
 LIVE_MAX = 500
 """Live events kept per user: more than a day of listening between two daily runs."""
@@ -54,65 +75,93 @@ CONSUMED_TYPES = frozenset({"play", "finish", "like"})
 
 NO_CHECKPOINT = "0-0"
 """The checkpoint of a version that consumed no events (every live event is shown)."""
+MAX_SEQ = 2**64 - 1
+"""The largest sequence number of a Stream id: ``<ms>-<MAX_SEQ>`` ends millisecond ms."""
 
 
-def versioned_key(kind: str, version: str, user: str) -> str:
-    """``{kind}:{version}:{user}`` for `kind` EMB or HIST."""
-    return f"{kind}:{version}:{user}"
+def bucket_of(user: str) -> int:
+    """The user's bucket: stable across processes, languages and Redis topologies."""
+    return zlib.crc32(user.encode()) % BUCKETS
 
 
-def lua_versioned_key(kind: str, version_expr: str, user_expr: str) -> str:
-    """The same key as :func:`versioned_key`, as a Lua expression over two Lua values."""
-    return f"'{kind}:' .. {version_expr} .. ':' .. {user_expr}"
+def bucket_tag(bucket: int) -> str:
+    return f"{{b{bucket}}}"
 
 
-def emb_key(version: str, user: str) -> str:
-    return versioned_key(EMB, version, user)
+def _tag(user: str) -> str:
+    return bucket_tag(bucket_of(user))
 
 
-def hist_key(version: str, user: str) -> str:
-    return versioned_key(HIST, version, user)
+def state_key(version: str, user: str) -> str:
+    """The hash that holds `user`'s embedding and history in `version`."""
+    return bucket_state_key(version, bucket_of(user))
+
+
+def bucket_state_key(version: str, bucket: int) -> str:
+    return f"state:{bucket_tag(bucket)}:{version}"
+
+
+EMB_FIELD = "e:"
+HIST_FIELD = "h:"
+
+
+def emb_field(user: str) -> str:
+    return EMB_FIELD + user
+
+
+def hist_field(user: str) -> str:
+    return HIST_FIELD + user
 
 
 def profile_key(user: str) -> str:
-    return f"{PROFILE}:{user}"
+    return f"profile:{_tag(user)}:{user}"
 
 
 def meta_key(version: str) -> str:
-    return f"{EMB}:meta:{version}"
+    return f"emb:{CONTROL_TAG}:meta:{version}"
 
 
-def lua_meta_key(version_expr: str) -> str:
-    """:func:`meta_key` as a Lua expression."""
-    return lua_key(meta_key, version_expr)
+def event_log_key(user: str) -> str:
+    """The log shard that records `user`'s events."""
+    return bucket_log_key(bucket_of(user))
 
 
-def seen_event_key(event_id: str) -> str:
-    return f"evseen:{event_id}"
+def bucket_log_key(bucket: int) -> str:
+    return f"events:{bucket_tag(bucket)}"
+
+
+def seen_event_key(user: str, event_id: str) -> str:
+    """Deduplication is per user's bucket: an event id is its device's, hence its user's."""
+    return f"evseen:{_tag(user)}:{event_id}"
 
 
 def live_key(user: str) -> str:
-    return f"live:{user}"
+    return f"live:{_tag(user)}:{user}"
 
 
 def dislikes_key(user: str) -> str:
-    return f"dislike:{user}"
+    return f"dislike:{_tag(user)}:{user}"
 
 
 def skips_key(user: str) -> str:
-    return f"skip:{user}"
-
-
-def lua_key(key: Callable[[str], str], expr: str) -> str:
-    """The key `key(x)` names, as a Lua expression for x = `expr` (the prefix comes from the
-    same function the Python side calls, so the two cannot drift apart)."""
-    return f"'{key('')}' .. {expr}"
+    return f"skip:{_tag(user)}:{user}"
 
 
 def stream_position(stream_id: str) -> tuple[int, int]:
     """A Stream entry id (``<ms>-<seq>``) as a comparable pair."""
     ms, _, seq = stream_id.partition("-")
     return int(ms), int(seq or 0)
+
+
+def checkpoint_before(ms: int) -> str:
+    """The last Stream position before millisecond `ms` (every shard's ids compare to it)."""
+    return f"{ms - 1}-{MAX_SEQ}" if ms > 0 else NO_CHECKPOINT
+
+
+def first_after(checkpoint: str) -> str:
+    """The first Stream position after `checkpoint` (for XTRIM MINID: what stays)."""
+    ms, seq = stream_position(checkpoint)
+    return f"{ms + 1}-0" if seq >= MAX_SEQ else f"{ms}-{seq + 1}"
 
 
 def encode_live(stream_id: str, event_type: str, uri: str) -> str:

@@ -1,31 +1,59 @@
 """The batch write of user state: every user's embedding and history under a new version,
-made current in one step once every key is written (readers never see half a version)."""
+made current in one step once every key is written (readers never see half a version).
+
+Works on one server and on a Redis Cluster alike: writes go to each primary on its own
+connection (commands grouped by the node that owns their slot, never one multi-key command
+across slots), and the flip is one script over the control keys, which share one slot."""
 
 from __future__ import annotations
 
 import calendar
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import hiredis
 import numpy as np
 import redis
-from redis.typing import EncodableT, FieldT
 
 from model_store.bundle import Bundle
+from model_store.userstate.connect import SyncClient, node_clients, node_of
 from model_store.userstate.keys import (
+    ACTIVE,
+    BUCKETS,
     CURRENT,
-    EMB,
-    HIST,
+    EMB_FIELD,
+    HIST_FIELD,
     NO_CHECKPOINT,
     VERSIONS,
+    bucket_of,
+    bucket_state_key,
+    decode_embedding,
+    decode_history,
+    emb_field,
     encode_history,
+    hist_field,
     meta_key,
-    versioned_key,
+    state_key,
 )
 
-KEEP_VERSIONS = 2  # the active one and the one readers may still be using
+KEEP_VERSIONS = 2
+"""The active version and the previous one: a gateway whose cached version is a few seconds
+old still reads a complete version."""
+IN_FLIGHT = 4
+"""Batches sent to a node before the first of their replies is read (bounded memory)."""
+
+# KEYS: meta, versions, current, active; ARGV: version, checkpoint, then meta field/value
+# pairs. One script over one slot: the version is recorded, listed and made current at once.
+_FLIP = """
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('LPUSH', KEYS[2], ARGV[1])
+redis.call('SET', KEYS[3], ARGV[1])
+redis.call('HSET', KEYS[4], 'version', ARGV[1], 'checkpoint', ARGV[2])
+return redis.call('LRANGE', KEYS[2], 0, -1)
+"""
 
 
 @dataclass(frozen=True)
@@ -62,7 +90,7 @@ def published_at(version: str) -> float | None:
 
 
 def write_users(
-    client: redis.Redis,
+    client: SyncClient,
     version: str,
     user_ids: Sequence[str],
     embeddings: np.ndarray,
@@ -73,60 +101,86 @@ def write_users(
 ) -> int:
     """Writes the users' embeddings and histories under `version` (not yet current).
 
-    Each batch is one MSET of 2 × `batch` keys packed by hiredis, and a few batches stay in
-    flight on one connection: the client packs batch i+1 while Redis stores batch i, instead
-    of a round trip (or a command) per user. Safe to call from many workers at once.
-    """
+    Per batch, one HSET per bucket with its users' two fields, packed by hiredis and sent
+    to the primary that owns the bucket; a few batches stay in flight per node, so the
+    client packs batch i+1 while the nodes store batch i, and every node works at once.
+    Idempotent (a retried batch is harmless); safe to call from many workers at once."""
     if len(user_ids) != len(embeddings) or len(user_ids) != len(histories):
         raise ValueError("user_ids, embeddings and histories must have equal lengths")
     half = np.asarray(embeddings, dtype="<f2")
-    emb_prefix, hist_prefix = versioned_key(EMB, version, ""), versioned_key(HIST, version, "")
-    with _Pipelined(client, IN_FLIGHT) as out:
+    nodes = node_clients(client)
+    where = node_of(client)
+    keys = [bucket_state_key(version, b) for b in range(BUCKETS)]
+    node_of_bucket = [where(k) for k in keys]
+    with _Writers(nodes) as out:
         for part in _chunks(len(user_ids), batch):
-            args: list[str | bytes] = ["MSET"]
+            commands: dict[int, list[str | bytes]] = {}
             for i in range(part.start, part.stop):
                 user = user_ids[i]
+                bucket = bucket_of(user)
+                args = commands.get(bucket)
+                if args is None:
+                    args = commands[bucket] = ["HSET", keys[bucket]]
                 args += (
-                    emb_prefix + user,
+                    EMB_FIELD + user,  # emb_field(user), without a call per user
                     half[i].tobytes(),
-                    hist_prefix + user,
+                    HIST_FIELD + user,
                     encode_history(histories[i][-history_len:]),
                 )
-            out.send(args)
+            per_node: dict[int, list[list[str | bytes]]] = {}
+            for bucket, args in commands.items():
+                per_node.setdefault(node_of_bucket[bucket], []).append(args)
+            for node, batch_commands in per_node.items():
+                out.send(node, batch_commands)
     return len(user_ids)
 
 
-def current_version(client: redis.Redis) -> str | None:
+def read_user(
+    client: SyncClient, version: str, user: str
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(embedding, history) of `user` in `version`, None where absent (tools and tests)."""
+    raw: list[Any] = client.hmget(state_key(version, user), [emb_field(user), hist_field(user)])
+    emb, hist = raw
+    return (
+        None if emb is None else decode_embedding(emb),
+        None if hist is None else decode_history(hist),
+    )
+
+
+def current_version(client: SyncClient) -> str | None:
     """The version readers are served now (None before the first publish)."""
     raw = client.get(CURRENT)
     return raw.decode() if isinstance(raw, bytes) else raw
 
 
 def flip(
-    client: redis.Redis,
+    client: SyncClient,
     version: str,
     users: int,
     *,
     checkpoint: str = NO_CHECKPOINT,
     snapshot: str = "",
 ) -> list[str]:
-    """Makes `version` current in one SET, after recording what it holds (`checkpoint`: the
-    last event-log entry its histories include; `snapshot`: where its Parquet copy is), then
-    deletes versions older than the previous one. The deleted versions."""
-    meta: dict[FieldT, EncodableT] = {
+    """Makes `version` current in one script that also records what it holds (`checkpoint`:
+    the last event-log position its histories include; `snapshot`: where its Parquet copy
+    is), then deletes versions older than the previous one. The deleted versions."""
+    meta = {
         "checkpoint": checkpoint,
         "snapshot": snapshot,
         "users": str(users),
         "published_at": str(published_at(version) or time.time()),
     }
-    client.hset(meta_key(version), mapping=meta)
-    client.lpush(VERSIONS, version)
-    client.set(CURRENT, version)
-    return _delete_old_versions(client)
+    pairs = [x for kv in meta.items() for x in kv]
+    keys = [meta_key(version), VERSIONS, CURRENT, ACTIVE]
+    listed = client.eval(_FLIP, len(keys), *keys, version, checkpoint, *pairs)
+    stale = [v.decode() for v in listed[KEEP_VERSIONS:]]
+    for old in stale:
+        delete_version(client, old)
+    return stale
 
 
 def publish(
-    client: redis.Redis,
+    client: SyncClient,
     version_of: str,
     user_ids: list[str],
     embeddings: np.ndarray,
@@ -138,8 +192,8 @@ def publish(
     checkpoint: str = NO_CHECKPOINT,
     snapshot: str = "",
 ) -> PublishReport:
-    """Writes every user's embedding and history under a new version, then flips
-    ``emb:current`` to it (one atomic SET) and deletes versions older than the previous one."""
+    """Writes every user's embedding and history under a new version, then flips the current
+    version to it (one script) and deletes versions older than the previous one."""
     version = version or new_version(version_of)
     start = time.perf_counter()
     write_users(
@@ -150,67 +204,23 @@ def publish(
     return PublishReport(version, len(user_ids), seconds, deleted)
 
 
-IN_FLIGHT = 4
-"""Batches sent before the first reply is read (bounded, so memory stays bounded)."""
-
-
-class _Pipelined:
-    """Commands on one connection with up to `window` replies outstanding; any error reply
-    is raised (after draining the rest, so the connection stays usable)."""
-
-    def __init__(self, client: redis.Redis, window: int) -> None:
-        self._pool = client.connection_pool
-        self._window = window
-        self._pending = 0
-
-    def __enter__(self) -> _Pipelined:
-        self._conn = self._pool.get_connection()
-        return self
-
-    def send(self, args: list[str | bytes]) -> None:
-        packed = hiredis.pack_command(tuple(args))  # type: ignore[arg-type]  # (stub: 1-tuple)
-        self._conn.send_packed_command([packed])
-        self._pending += 1
-        if self._pending > self._window:
-            self._read()
-
-    def _read(self) -> None:
-        self._pending -= 1
-        reply = self._conn.read_response()
-        if isinstance(reply, Exception):
-            raise reply
-
-    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        try:
-            while self._pending:
-                self._read()
-        finally:
-            self._pool.release(self._conn)
-
-
-def _delete_old_versions(client: redis.Redis) -> list[str]:
-    stale = [v.decode() for v in client.lrange(VERSIONS, KEEP_VERSIONS, -1)]  # type: ignore[union-attr]
-    for version in stale:
-        delete_version(client, version)
-    return stale
-
-
-def delete_version(client: redis.Redis, version: str, chunk: int = 10_000) -> None:
-    """Every key of `version` (embeddings, histories, meta) and its place in the list."""
-    for kind in (EMB, HIST):
-        batch: list[bytes] = []
-        for key in client.scan_iter(match=versioned_key(kind, version, "*"), count=chunk):
-            batch.append(key)
-            if len(batch) >= chunk:
-                client.unlink(*batch)
-                batch = []
-        if batch:
-            client.unlink(*batch)
+def delete_version(client: SyncClient, version: str) -> None:
+    """Every key of `version` and its place in the list: one UNLINK per bucket (the key
+    names are known, so no node is scanned), sent to each primary at once; Redis frees the
+    hashes in the background."""
+    where = node_of(client)
+    per_node: dict[int, list[list[str | bytes]]] = {}
+    for bucket in range(BUCKETS):
+        key = bucket_state_key(version, bucket)
+        per_node.setdefault(where(key), []).append(["UNLINK", key])
+    with _Writers(node_clients(client)) as out:
+        for node, commands in per_node.items():
+            out.send(node, commands)
     client.unlink(meta_key(version))
     client.lrem(VERSIONS, 0, version)
 
 
-def publish_bundle(client: redis.Redis, bundle: Bundle, history_len: int = 1000) -> PublishReport:
+def publish_bundle(client: SyncClient, bundle: Bundle, history_len: int = 1000) -> PublishReport:
     """Publishes the bundle's own user embeddings and histories: the daily job's first run,
     without Ray, consuming no logged events (every live event stays visible after it)."""
     users = bundle.users["user_id"].astype(str).tolist()
@@ -222,3 +232,52 @@ def publish_bundle(client: redis.Redis, bundle: Bundle, history_len: int = 1000)
         bundle.histories.to_lists(),
         history_len=history_len,
     )
+
+
+class _Writers:
+    """One connection per node, each with up to :data:`IN_FLIGHT` batches of replies
+    outstanding; an error reply (or a lost node) is raised once the sends stop."""
+
+    def __init__(self, nodes: Sequence[redis.Redis]) -> None:
+        self._nodes = nodes
+        self._conns: dict[int, Any] = {}  # redis-py connections
+        self._pending: dict[int, deque[int]] = {}
+
+    def __enter__(self) -> _Writers:
+        return self
+
+    def _conn(self, node: int) -> Any:
+        conn = self._conns.get(node)
+        if conn is None:
+            conn = self._conns[node] = self._nodes[node].connection_pool.get_connection()
+            self._pending[node] = deque()
+        return conn
+
+    def send(self, node: int, commands: list[list[str | bytes]]) -> None:
+        packed = b"".join(hiredis.pack_command(tuple(c)) for c in commands)  # type: ignore[arg-type]
+        self._conn(node).send_packed_command([packed])  # one write per batch
+        pending = self._pending[node]
+        pending.append(len(commands))
+        if len(pending) > IN_FLIGHT:
+            self._read(node, pending.popleft())
+
+    def _read(self, node: int, replies: int) -> None:
+        conn = self._conns[node]
+        for _ in range(replies):
+            conn.read_response()  # raises an error reply
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        failed = exc_type is not None
+        try:
+            for node, pending in self._pending.items():
+                while pending and not failed:
+                    try:
+                        self._read(node, pending.popleft())
+                    except BaseException:
+                        failed = True
+                        raise
+        finally:
+            for node, conn in self._conns.items():
+                if failed:
+                    conn.disconnect()  # replies left unread
+                self._nodes[node].connection_pool.release(conn)

@@ -21,8 +21,10 @@ from typing import Any
 
 import structlog
 from limits import RateLimitItem, parse
-from limits.aio.storage import RedisStorage
+from limits.aio.storage import RedisClusterStorage, RedisStorage
 from limits.aio.strategies import FixedWindowRateLimiter
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from service import metrics
 from service.settings import ApiKey
@@ -87,23 +89,40 @@ def grant_of(key: str | None, keys: Mapping[str, ApiKey]) -> ApiKey | None:
     return found
 
 
-def limits_uri(redis_url: str) -> str:
-    """The `limits` storage URI of a Redis URL (`redis://`, `rediss://`, `unix://`)."""
+def limits_uri(redis_url: str, cluster: bool = False) -> str:
+    """The `limits` storage URI of a Redis URL (`redis://`, `rediss://`, `unix://`); with
+    `cluster`, of the Redis Cluster the node at `redis_url` belongs to."""
+    if cluster:
+        return "async+redis+cluster://" + redis_url.split("://", 1)[1]
     if redis_url.startswith("unix://"):
         return "async+redis+unix://" + redis_url.removeprefix("unix://")
     return "async+" + redis_url
 
 
 class RateLimiter:
-    """Fixed windows per caller in the gateway's Redis, over the store's connections (its
-    timeouts, and its cool-down after a failure)."""
+    """Fixed windows per caller in the gateway's Redis, through the store (its cool-down
+    after a failure): over the store's connections on one server; on a Redis Cluster over a
+    cluster client of its own with the store's timeouts and no retries (each window is one
+    key, so any slot serves)."""
 
     def __init__(self, store: UserStore) -> None:
         self.store = store
         self._items: dict[str, RateLimitItem] = {}
-        pool: Any = store.pool  # `limits` types its options as scalars; redis-py takes a pool
-        uri = limits_uri(store.url)
-        storage = RedisStorage(uri, implementation="redispy", connection_pool=pool)
+        uri = limits_uri(store.url, store.cluster)
+        storage: RedisStorage
+        if store.cluster:
+            timeout: Any = store.timeout_s  # `limits` types its options as scalars
+            retry: Any = Retry(NoBackoff(), 0)
+            storage = RedisClusterStorage(
+                uri,
+                implementation="redispy",
+                socket_timeout=timeout,
+                socket_connect_timeout=timeout,
+                retry=retry,
+            )
+        else:
+            pool: Any = store.client.connection_pool
+            storage = RedisStorage(uri, implementation="redispy", connection_pool=pool)
         self._limiter = FixedWindowRateLimiter(storage)
 
     async def hit(self, identity: str, rate: str) -> Quota | None:

@@ -71,7 +71,13 @@ class Runtime:
 
         s = self.settings
         url, self.embedded = redis_url_or_embedded(s.redis_url, s.redis_db)
-        self.store = UserStore(url, s.redis_timeout_ms / 1000.0, s.redis_cooldown_s)
+        self.store = UserStore(
+            url,
+            s.redis_timeout_ms / 1000.0,
+            s.redis_cooldown_s,
+            cluster=s.redis_cluster,
+            refresh_s=s.redis_version_refresh_s,
+        )
         self.guard = Guard(s.api_keys, s.rate_limit, self.store)
         self._activate(open_serving(s, verified_bundle(s.bundle), self.store))
         self.grpc = await start_grpc(self.lease, self.guard, s.host, s.grpc_port)

@@ -86,9 +86,9 @@ def test_remote_beam_search_matches_torch(
     requests: list[int] = []  # HTTP requests per engine call
     score = remote_engine.score
 
-    def counting(batches: Any) -> Any:
+    def counting(batches: Any, route: Any = None) -> Any:
         requests.append(len(batches))
-        return score(batches)
+        return score(batches, route)
 
     monkeypatch.setattr(remote_engine, "score", counting)
     prompts = _prompts()
@@ -122,9 +122,9 @@ def test_server_down_fails_fast(model_dir: Path) -> None:
 
 def _mock(engine: RemoteEngine, handler: Any) -> None:
     """Routes the engine's requests to `handler` instead of the network."""
-    if engine._client is not None:
-        engine._client.close()
-    engine._client = httpx.Client(base_url=engine.base_url, transport=httpx.MockTransport(handler))
+    (replica,) = engine.replicas.replicas
+    replica.client.close()
+    replica.client = httpx.Client(base_url=replica.url, transport=httpx.MockTransport(handler))
 
 
 def _reply(ids: list[int], n: int) -> dict[str, Any]:

@@ -6,7 +6,8 @@ interchangeable (they share :func:`~model_store.engines.base.prompt_embeddings`)
 * ``torch``: plain PyTorch over the Hugging Face model and its KV cache; exact, no start-up
   cost; the offline evaluation and the parity tests use it.
 * ``vllm``: a ``vllm.LLM`` inside this process; the embedded serving path.
-* ``remote``: a vLLM OpenAI server over HTTP (``--enable-prompt-embeds``).
+* ``remote``: vLLM OpenAI servers over HTTP (``--enable-prompt-embeds``): one, or several
+  replicas with every level of a search on the same one (prefix-cache affinity) and failover.
 
 Each implementation is imported only when asked for, so a gateway with a remote engine
 loads neither vLLM nor transformers.
@@ -28,9 +29,10 @@ def open_engine(kind: EngineKind | str, model_dir: str | Path, **options: Any) -
     manager) when done.
 
     `options` go to the implementation: `attn_implementation` (torch); `kv_cache_gib`,
-    `block_size`, `warmup` and ``vllm.LLM`` arguments (vllm); `base_url` and `timeout_s`
-    (remote). With vLLM the engine core runs in a spawned process unless the environment
-    sets ``VLLM_ENABLE_V1_MULTIPROCESSING=0``; a script that keeps the default must guard its
+    `block_size`, `warmup` and ``vllm.LLM`` arguments (vllm); `base_url` (one URL, or a
+    list of replicas' URLs), `timeout_s`, `model_name` and `health_interval_s` (remote).
+    With vLLM the engine core runs in a spawned process unless the environment sets
+    ``VLLM_ENABLE_V1_MULTIPROCESSING=0``; a script that keeps the default must guard its
     entry point with ``if __name__ == "__main__":``.
     """
     if kind == "torch":

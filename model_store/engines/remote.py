@@ -6,6 +6,10 @@ vllm_engine.VLLMEngine` does, so only embeddings travel and the two engines are 
 interchangeable. The server must run with ``--enable-prompt-embeds`` and the default
 ``--logprobs-mode raw_logprobs`` (log-softmax of the unprocessed logits).
 
+With several servers (replicas of one model), every level of one search goes to the same
+server, so its prefix cache serves the prompts from level 1 on; a failed server's searches
+move to another (:mod:`model_store.engines.replicas`).
+
 Each live row is a single-token ``/v1/completions`` request whose ``logprob_token_ids``
 are the row's candidates (at most :data:`MAX_LOGPROB_TOKEN_IDS` a request). The server takes
 a *list* of ``prompt_embeds`` per request but one ``logprob_token_ids`` for all of them,
@@ -35,13 +39,22 @@ from model_store.engines.base import (
     EngineError,
     load_input_embeddings,
 )
+from model_store.engines.replicas import (
+    HEALTH_INTERVAL_S,
+    Replica,
+    ReplicaSet,
+    Route,
+    search_key,
+)
 from model_store.generation import Prompt
 
-RETRY_STATUS = frozenset({502, 503, 504})
-"""Statuses worth one retry: a proxy or an overloaded/restarting server, not a bad request."""
-
 RETRY_DELAY_S = 0.1
-"""Pause before the single retry (skipped when the call's budget has no room for it)."""
+"""Pause before a lone server's single retry (skipped when the budget has no room for it).
+A connection error, a dropped connection or a 5xx is retried (on the next replica when
+there are several); a 4xx or a malformed reply is not: no server would answer better."""
+
+SESSION_HEADER = "X-Session-ID"
+"""Header carrying the search's key on each of its requests (vllm-router hashes on it)."""
 
 MAX_PROMPTS_PER_REQUEST = 1024
 """vLLM's default cap on prompts in one completion request (VLLM_MAX_COMPLETION_PROMPTS)."""
@@ -59,98 +72,165 @@ def encode_embeddings(embeds: torch.Tensor) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-class RemoteEngine(EmbeddingEngine):
-    """:class:`~model_store.generation.Engine` over HTTP to a vLLM OpenAI server.
+class ReplicaFailed(EngineError):
+    """This server could not answer (refused, dropped, timed out, 5xx); another might.
 
-    `timeout_s` is the budget of one engine call (one search level), its retry included;
-    every HTTP attempt gets what is left of it as its httpx timeout. `model_name` is sent
-    as the request's `model` (None: the server's only model). Up to `max_concurrency`
-    requests of one level are in flight at once.
+    `down`: the server looks dead, not merely slow; its next searches go elsewhere."""
+
+    def __init__(self, message: str, *, down: bool) -> None:
+        super().__init__(message)
+        self.down = down
+
+
+class RemoteEngine(EmbeddingEngine):
+    """:class:`~model_store.generation.Engine` over HTTP to one or several vLLM OpenAI
+    servers (replicas of one model; see :mod:`model_store.engines.replicas`).
+
+    `timeout_s` is the budget of one engine call (one search level), its retry or failover
+    included; every HTTP attempt gets what is left of it as its httpx timeout. `model_name`
+    is sent as the request's `model` (None: the server's only model). Up to
+    `max_concurrency` requests of one level are in flight at once. With several replicas,
+    `health_interval_s` paces the background `/health` probes.
     """
 
     def __init__(
         self,
-        base_url: str,
+        base_url: str | Sequence[str],
         model_dir: Path,
         *,
         timeout_s: float,
         model_name: str | None = None,
         max_concurrency: int = 16,
         max_prompts_per_request: int = MAX_PROMPTS_PER_REQUEST,
+        health_interval_s: float = HEALTH_INTERVAL_S,
     ) -> None:
         if timeout_s <= 0:
             raise ValueError("timeout_s must be positive")
         if max_concurrency < 1 or max_prompts_per_request < 1:
             raise ValueError("max_concurrency and max_prompts_per_request must be at least 1")
-        self.base_url = base_url.rstrip("/")
+        urls = [base_url] if isinstance(base_url, str) else list(base_url)
         self.model_dir = Path(model_dir)
         self.timeout_s = float(timeout_s)
         self.model_name = model_name
         self.max_prompts_per_request = max_prompts_per_request
         self.table = load_input_embeddings(self.model_dir)
-        self._client: httpx.Client | None = httpx.Client(
-            base_url=self.base_url,
-            timeout=httpx.Timeout(self.timeout_s),
-            limits=httpx.Limits(
-                max_connections=max_concurrency, max_keepalive_connections=max_concurrency
-            ),
+        self.replicas = ReplicaSet(
+            urls,
+            timeout_s=self.timeout_s,
+            max_connections=max_concurrency,
+            health_interval_s=health_interval_s,
         )
+        self.base_url = self.replicas.replicas[0].url
+        self._closed = False
         self._pool = ThreadPoolExecutor(max_concurrency, thread_name_prefix="remote-engine")
 
     # ------------------------------------------------------------------ lifecycle
 
     def ready(self, timeout_s: float = 2.0) -> bool:
-        """Whether the server answers `/health` with 200 within `timeout_s` (no retry)."""
-        if self._client is None:
+        """Whether some server answers `/health` with 200 within `timeout_s` (no retry)."""
+        if self._closed:
             return False
-        try:
-            response = self._client.get(
-                "/health", timeout=httpx.Timeout(min(timeout_s, self.timeout_s))
-            )
-        except httpx.HTTPError:
-            return False
-        return response.status_code == 200
+        budget = min(timeout_s, self.timeout_s)
+        return any(self.replicas.probe(r, budget) for r in self.replicas.replicas)
 
     def warm(self, timeout_s: float = 180.0) -> None:
-        """The warm-up request, so that the server's first-batch compilation (~20 s on CPU)
-        is not a user's; it gets its own, longer budget."""
-        budget, self.timeout_s = self.timeout_s, max(timeout_s, self.timeout_s)
-        try:
-            super().warm()
-        finally:
-            self.timeout_s = budget
+        """One tiny request to every server, so that a server's first-batch compilation
+        (~20 s on CPU) is not a user's; it gets its own, longer budget. EngineError only
+        when no server answered (the others are marked down until their health checks
+        pass)."""
+        self._require_open()
+        vocab = int(self.table.shape[0])
+        ids = tuple(range(min(2, vocab)))
+        embeds = [encode_embeddings(self.embed([Prompt(tuple(range(min(4, vocab))))])[0])]
+        errors: list[EngineError] = []
+        for replica in self.replicas.replicas:
+            deadline = time.monotonic() + max(timeout_s, self.timeout_s)
+            try:
+                self._score_on(replica, [(ids, embeds)], deadline)
+            except ReplicaFailed as exc:
+                self.replicas.mark_down(replica, str(exc))
+                errors.append(exc)
+        if len(errors) == len(self.replicas):
+            raise errors[0]
+
+    def route(self, prompts: Sequence[Prompt]) -> Route:
+        """Where the search over `prompts` goes: by rendezvous hashing of its first prompt."""
+        return Route(self.replicas, search_key(prompts))
 
     def open(self, prompts: Sequence[Prompt]) -> RemoteSession:
-        self._require_client()
-        return RemoteSession(self, self.embed(prompts))
+        self._require_open()
+        return RemoteSession(self, self.embed(prompts), self.route(prompts))
 
     def close(self) -> None:
-        """Closes the connection pool and the request threads; idempotent."""
-        if self._client is None:
+        """Closes the connection pools, the health probes and the request threads;
+        idempotent."""
+        if self._closed:
             return
-        client, self._client = self._client, None
+        self._closed = True
         self._pool.shutdown(wait=False, cancel_futures=True)
-        client.close()
+        self.replicas.close()
 
-    def _require_client(self) -> httpx.Client:
-        if self._client is None:
+    def _require_open(self) -> None:
+        if self._closed:
             raise EngineError("the engine is closed")
-        return self._client
 
     # ------------------------------------------------------------------ requests
 
-    def score(self, batches: Sequence[tuple[tuple[int, ...], list[str]]]) -> list[list[np.ndarray]]:
+    def score(
+        self, batches: Sequence[tuple[tuple[int, ...], list[str]]], route: Route | None = None
+    ) -> list[list[np.ndarray]]:
         """Log-probs of each batch's candidates for each of its encoded prompts.
 
-        All batches share one deadline (`timeout_s` from now) and run concurrently; the first
-        failure cancels what has not started and is raised.
+        All batches share one deadline (`timeout_s` from now) and go to one server: the
+        `route`'s first candidate (default: the first server's). If that server fails,
+        the whole call moves to the next candidate while the deadline allows; a lone
+        server gets one retry after a short pause.
         """
+        self._require_open()
         deadline = time.monotonic() + self.timeout_s
+        key = route.key if route is not None else b""
+        candidates = route.candidates() if route is not None else self.replicas.order(key)
+        if len(candidates) == 1:
+            candidates = candidates * 2
+        error: EngineError | None = None
+        for i, replica in enumerate(candidates):
+            if i and replica is candidates[i - 1]:
+                if deadline - time.monotonic() <= RETRY_DELAY_S:
+                    break
+                time.sleep(RETRY_DELAY_S)
+            if deadline - time.monotonic() <= 0:
+                break
+            try:
+                results = self._score_on(replica, batches, deadline, key)
+            except ReplicaFailed as exc:
+                error = exc
+                self.replicas.record(replica, ok=False)
+                if exc.down:
+                    self.replicas.mark_down(replica, str(exc))
+                continue
+            self.replicas.record(replica, ok=True)
+            if route is not None:
+                route.served(replica)
+            return results
+        if error is None:
+            error = EngineError(f"the {self.timeout_s:g} s budget ran out before a try")
+        raise error
+
+    def _score_on(
+        self,
+        replica: Replica,
+        batches: Sequence[tuple[tuple[int, ...], list[str]]],
+        deadline: float,
+        key: bytes = b"",
+    ) -> list[list[np.ndarray]]:
+        """The batches' requests to one server, concurrently; the first failure cancels
+        what has not started and is raised."""
         if len(batches) == 1:
             ids, embeds = batches[0]
-            return [self._complete(ids, embeds, deadline)]
+            return [self._complete(replica, ids, embeds, deadline, key)]
         futures: list[Future[list[np.ndarray]]] = [
-            self._pool.submit(self._complete, ids, embeds, deadline) for ids, embeds in batches
+            self._pool.submit(self._complete, replica, ids, embeds, deadline, key)
+            for ids, embeds in batches
         ]
         done, pending = wait(futures, return_when=FIRST_EXCEPTION)
         for future in pending:
@@ -161,10 +241,22 @@ class RemoteEngine(EmbeddingEngine):
         return [future.result() for future in futures]
 
     def _complete(
-        self, candidate_ids: tuple[int, ...], embeds: list[str], deadline: float
+        self,
+        replica: Replica,
+        candidate_ids: tuple[int, ...],
+        embeds: list[str],
+        deadline: float,
+        key: bytes = b"",
     ) -> list[np.ndarray]:
-        """One completion request: a token for each prompt, log-probs of `candidate_ids`."""
+        """One completion request: a token for each prompt, log-probs of `candidate_ids`.
+
+        `key` (the search's) goes out as the `X-Session-ID` header, so that a router in
+        front of the servers (vllm-router's `consistent_hash`) can keep a search on one.
+        """
         body: dict[str, Any] = {
+            # vllm-router refuses a completion without `prompt`; vLLM adds no prompt for
+            # an empty list (its prompts are the embeds, then the prompt's items).
+            "prompt": [],
             "prompt_embeds": embeds,
             "max_tokens": 1,
             "n": 1,
@@ -183,49 +275,48 @@ class RemoteEngine(EmbeddingEngine):
         }
         if self.model_name is not None:
             body["model"] = self.model_name
-        payload = self._post("/v1/completions", body, deadline)
+        headers = {SESSION_HEADER: key.hex()} if key else None
+        payload = self._post(replica, "/v1/completions", body, deadline, headers)
         return _parse_completion(payload, len(embeds), candidate_ids)
 
-    def _post(self, path: str, body: dict[str, Any], deadline: float) -> Any:
-        """POST with the remaining budget as timeout and at most one retry; JSON back."""
-        client = self._require_client()
-        url = f"{self.base_url}{path}"
-        error: EngineError | None = None
-        for attempt in range(2):
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
+    def _post(
+        self,
+        replica: Replica,
+        path: str,
+        body: dict[str, Any],
+        deadline: float,
+        headers: dict[str, str] | None = None,
+    ) -> Any:
+        """One POST with the remaining budget as timeout; JSON back. ReplicaFailed when
+        another server might answer, EngineError when none would (4xx, bad reply)."""
+        url = f"{replica.url}{path}"
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ReplicaFailed(f"{url}: the {self.timeout_s:g} s budget ran out", down=False)
+        try:
+            response = replica.client.post(
+                path, json=body, headers=headers, timeout=httpx.Timeout(remaining)
+            )
+        except httpx.TimeoutException as exc:
+            message = f"{url} did not answer within {self.timeout_s:g} s: {exc!r}"
+            raise ReplicaFailed(message, down=False) from exc
+        except httpx.ConnectError as exc:
+            raise ReplicaFailed(f"cannot connect to {url}: {exc}", down=True) from exc
+        except httpx.HTTPError as exc:
+            raise ReplicaFailed(f"transport error talking to {url}: {exc!r}", down=True) from exc
+        except RuntimeError as exc:  # httpx: "the client has been closed"
+            raise EngineError(f"cannot send to {url}: {exc}") from exc
+        if response.status_code == 200:
             try:
-                response = client.post(path, json=body, timeout=httpx.Timeout(remaining))
-            except httpx.TimeoutException as exc:
-                error = EngineError(f"{url} did not answer within {self.timeout_s:g} s: {exc!r}")
-                error.__cause__ = exc
-            except httpx.ConnectError as exc:
-                error = EngineError(f"cannot connect to {url}: {exc}")
-                error.__cause__ = exc
-            except httpx.HTTPError as exc:
-                error = EngineError(f"transport error talking to {url}: {exc!r}")
-                error.__cause__ = exc
-            except RuntimeError as exc:  # httpx: "the client has been closed"
-                raise EngineError(f"cannot send to {url}: {exc}") from exc
-            else:
-                if response.status_code == 200:
-                    try:
-                        return response.json()
-                    except ValueError as exc:
-                        raise EngineError(
-                            f"malformed response from {url}: not JSON: {_excerpt(response.text)!r}"
-                        ) from exc
-                error = EngineError(
-                    f"{url} answered HTTP {response.status_code}: {_excerpt(response.text)}"
-                )
-                if response.status_code not in RETRY_STATUS:
-                    raise error
-            if attempt == 0 and deadline - time.monotonic() > RETRY_DELAY_S:
-                time.sleep(RETRY_DELAY_S)
-        if error is None:
-            error = EngineError(f"{url}: the {self.timeout_s:g} s budget ran out before a try")
-        raise error
+                return response.json()
+            except ValueError as exc:
+                raise EngineError(
+                    f"malformed response from {url}: not JSON: {_excerpt(response.text)!r}"
+                ) from exc
+        message = f"{url} answered HTTP {response.status_code}: {_excerpt(response.text)}"
+        if response.status_code >= 500:
+            raise ReplicaFailed(message, down=True)
+        raise EngineError(message)
 
 
 def _excerpt(text: str) -> str:
@@ -262,11 +353,13 @@ def _parse_completion(payload: Any, n: int, candidate_ids: tuple[int, ...]) -> l
 
 
 class RemoteSession(EmbeddingRows):
-    """A search's rows, each scored by the server over its prompt embeddings."""
+    """A search's rows, each scored by a server over its prompt embeddings; every level
+    goes where the search's `route` says (the same replica while it is healthy)."""
 
-    def __init__(self, engine: RemoteEngine, prompts: list[torch.Tensor]) -> None:
+    def __init__(self, engine: RemoteEngine, prompts: list[torch.Tensor], route: Route) -> None:
         super().__init__(engine.table, prompts)
         self._engine = engine
+        self.route = route
 
     def logprobs(self, candidates: Sequence[np.ndarray]) -> list[np.ndarray]:
         """All rows of the level in one engine call: one request per distinct candidate
@@ -296,7 +389,7 @@ class RemoteSession(EmbeddingRows):
                 for i in range(0, len(members), size)
             ]
             results = self._engine.score(
-                [(ids, [encode(r) for r, _ in members]) for ids, members in batches]
+                [(ids, [encode(r) for r, _ in members]) for ids, members in batches], self.route
             )
             for (_, members), values in zip(batches, results, strict=True):
                 for (r, slot), v in zip(members, values, strict=True):

@@ -128,16 +128,14 @@ def open_serving_engine(settings: Settings, bundle: Bundle) -> Engine:
     server that does not answer yet is not fatal: requests fall back until it does."""
     if settings.engine == "inprocess":
         return open_engine("vllm", bundle.llm_dir, kv_cache_gib=settings.kv_cache_gib)
+    urls = settings.engine_urls or [settings.engine_url]
     engine = open_engine(
-        "remote",
-        bundle.llm_dir,
-        base_url=settings.engine_url,
-        timeout_s=settings.deadline_ms / 1000.0,
+        "remote", bundle.llm_dir, base_url=urls, timeout_s=settings.deadline_ms / 1000.0
     )
     try:
         engine.warm()
     except EngineError as e:
-        log.warning("engine server not answering at start", url=settings.engine_url, error=str(e))
+        log.warning("engine server not answering at start", urls=urls, error=str(e))
     return engine
 
 

@@ -20,8 +20,9 @@ import pandas as pd
 import structlog
 import torch
 
-from model_store import content, data, llm, semantic_ids, user_model
-from model_store.bundle import Bundle, Histories, write_manifest
+from model_store import ann, content, data, llm, semantic_ids, user_model
+from model_store.bundle import ITEMS_DIR, Bundle, Histories, write_manifest
+from model_store.catalog import facet_codes, single_codes, write_items
 from model_store.config import BuildConfig
 from model_store.data import Dataset
 from model_store.projector import Projector, save_projector
@@ -91,6 +92,34 @@ def _catalog(ds: Dataset, codes: np.ndarray, popularity: np.ndarray) -> pd.DataF
     cat["popularity"] = popularity.astype(np.int64)
     cat["sid"] = [list(map(int, row)) for row in codes]
     return cat.reset_index(drop=True)
+
+
+def _write_items(out: Path, ds: Dataset, popularity: np.ndarray, sid_tokens: np.ndarray) -> None:
+    """The catalog's per-item columns as the gateway maps them (`items/`)."""
+    items = ds.items
+    write_items(
+        out / ITEMS_DIR,
+        uris=items["uri"].astype(str).tolist(),
+        titles=items["title"].astype(str).tolist(),
+        kinds=single_codes(items["kind"]),
+        creators=single_codes(items["creator"]),
+        genres=facet_codes([list(g) for g in items["genres"]]),
+        year=items["year"].to_numpy(dtype=np.float32),
+        popularity=popularity,
+        sid_tokens=sid_tokens,
+    )
+
+
+def write_vectors(
+    out: Path, collab: np.ndarray, retrieval: np.ndarray, content_vecs: np.ndarray, seed: int
+) -> list[str]:
+    """Item and content vectors as float16 (exact enough: BENCHMARKS.md), retrieval vectors
+    as float32 (the ANN's scores), and the ANN index when the catalog needs one."""
+    np.save(out / "item_embeddings.npy", np.asarray(collab, dtype=np.float16))
+    np.save(out / "item_retrieval.npy", np.asarray(retrieval, dtype=np.float32))
+    np.save(out / "content_vectors.npy", np.asarray(content_vecs, dtype=np.float16))
+    written = ["item_embeddings.npy", "item_retrieval.npy", "content_vectors.npy"]
+    return written + ann.write_index(retrieval, out, seed)
 
 
 def _users(ds: Dataset) -> pd.DataFrame:
@@ -205,13 +234,12 @@ def build(
     with timer.stage("write_artifacts"):
         popularity = np.bincount(np.concatenate(plan.published), minlength=ds.n_items)
         _catalog(ds, sids.codes, popularity).to_parquet(out / "catalog.parquet")
+        _write_items(out, ds, popularity, vocab.sid_ids(sids.codes))
         _users(ds).iloc[: len(seqs)].to_parquet(out / "users.parquet")
         np.save(out / "sid_codes.npy", sids.codes)
         np.save(out / "sid_codebooks.npy", sids.codebooks)
         trie.save(out / "sid_trie.npz")
-        np.save(out / "item_embeddings.npy", collab)
-        np.save(out / "item_retrieval.npy", user_model.retrieval_vectors(umodel))
-        np.save(out / "content_vectors.npy", content_vecs)
+        write_vectors(out, collab, user_model.retrieval_vectors(umodel), content_vecs, cfg.seed)
         user_model.save_user_model(umodel, out)
         np.save(out / "user_embeddings.npy", user_model.user_states(umodel, plan.published))
         published = Histories.from_lists(plan.published)

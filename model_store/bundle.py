@@ -25,10 +25,21 @@ if TYPE_CHECKING:
     from model_store.user_model import UserModel
     from model_store.vocab import Vocab
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""2: per-item columns under `items/` (mapped, no per-item objects), float16 item and
+content vectors, `ann.faiss` for catalogs above the exact-search size."""
 MANIFEST = "manifest.json"
+ITEMS_DIR = "items"
 REQUIRED_FILES = (
     "catalog.parquet",
+    "items/uri.bin",
+    "items/uri.offsets.npy",
+    "items/uri.hash.npy",
+    "items/uri.order.npy",
+    "items/title.bin",
+    "items/genre.codes.npy",
+    "items/popularity.npy",
+    "items/sid_tokens.npy",
     "users.parquet",
     "sid_codes.npy",
     "sid_trie.npz",
@@ -153,9 +164,24 @@ class Bundle:
     def users(self) -> pd.DataFrame:
         return pd.read_parquet(self.dir / "users.parquet")
 
+    def array(self, name: str) -> np.ndarray:
+        """A bundle array mapped read-only: pages are read when touched and shared by every
+        process serving the bundle, so no per-item table is copied into the heap."""
+        return np.load(self.dir / name, mmap_mode="r", allow_pickle=False)
+
+    def item_array(self, name: str) -> np.ndarray:
+        """A per-item array of `items/` (popularity, year, ...), mapped."""
+        return self.array(f"{ITEMS_DIR}/{name}.npy")
+
+    def item_facet_names(self, facet: str) -> list[str]:
+        """The distinct names of a per-item facet (genre, kind, creator)."""
+        from model_store.columns import Strings
+
+        return list(Strings(self.dir / ITEMS_DIR, f"{facet}.names"))
+
     @cached_property
     def sid_codes(self) -> np.ndarray:
-        return np.load(self.dir / "sid_codes.npy")
+        return self.array("sid_codes.npy")
 
     @cached_property
     def trie(self) -> SIDTrie:
@@ -171,16 +197,19 @@ class Bundle:
 
     @cached_property
     def item_sid_ids(self) -> np.ndarray:
-        return np.asarray(self.vocab.sid_ids(self.sid_codes))
+        """(n, L) SID token ids per item (int32), mapped."""
+        return self.item_array("sid_tokens")
 
     @cached_property
     def item_vectors(self) -> np.ndarray:
-        return np.load(self.dir / "item_embeddings.npy")
+        """User-model item vectors, float16, mapped."""
+        return self.array("item_embeddings.npy")
 
     @cached_property
     def retrieval_vectors(self) -> np.ndarray:
-        """Item vectors plus the user model's item prior (see `user_model.retrieval_vectors`)."""
-        return np.load(self.dir / "item_retrieval.npy")
+        """Item vectors plus the user model's item prior (see `user_model.retrieval_vectors`),
+        float32 (the prior's scale needs it; see BENCHMARKS.md), mapped."""
+        return self.array("item_retrieval.npy")
 
     @cached_property
     def user_model_config(self) -> dict[str, Any]:
@@ -188,7 +217,8 @@ class Bundle:
 
     @cached_property
     def content_vectors(self) -> np.ndarray:
-        return np.load(self.dir / "content_vectors.npy")
+        """Content vectors, float16, mapped."""
+        return self.array("content_vectors.npy")
 
     @cached_property
     def user_embeddings(self) -> np.ndarray:

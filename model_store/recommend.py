@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 
-import faiss
 import numpy as np
 
+from model_store.ann import ItemSearch
 from model_store.bundle import Bundle
 from model_store.generation import Beam, Engine, Prompt, SearchStats, beam_search
 from model_store.prompts import Mode, prompt_ids
@@ -69,6 +69,21 @@ def aligned_history(head: int, items: int, sid_len: int, block: int) -> int:
     return min(choices or [items], key=lambda n: ((head + n * sid_len) % block, -n))
 
 
+def item_table(bundle: Bundle) -> ItemTable:
+    """The reranker's per-item arrays, mapped from the bundle (only log-popularity is
+    computed, as float32 the way the features always had it: 4 bytes per item)."""
+    return ItemTable(
+        vectors=bundle.item_vectors,
+        content=bundle.content_vectors,
+        genres=bundle.item_array("genre_matrix"),
+        log_popularity=np.log1p(bundle.item_array("popularity").astype(np.float64)).astype(
+            np.float32
+        ),
+        year=bundle.item_array("year"),
+        prior=bundle.retrieval_vectors[:, -1],
+    )
+
+
 class Recommender:
     def __init__(
         self, bundle: Bundle, with_reranker: bool = True, align: int = PROMPT_ALIGN
@@ -76,21 +91,10 @@ class Recommender:
         """`align`: trim history so prompts end on this many tokens (0: never trim)."""
         self.bundle = bundle
         self.align = align
-        catalog = bundle.catalog
-        genres, self.genre_names = genre_matrix([list(g) for g in catalog["genres"]])
-        popularity = catalog["popularity"].to_numpy(dtype=np.float64)
-        self.table = ItemTable(
-            vectors=bundle.item_vectors,
-            content=bundle.content_vectors,
-            genres=genres,
-            log_popularity=np.log1p(popularity).astype(np.float32),
-            year=catalog["year"].to_numpy(dtype=np.float32),
-            prior=bundle.retrieval_vectors[:, -1],
-        )
-        self.popular_order = np.argsort(-popularity, kind="stable")
-        retrieval = np.ascontiguousarray(bundle.retrieval_vectors, dtype=np.float32)
-        self.index = faiss.IndexFlatIP(retrieval.shape[1])
-        self.index.add(retrieval)
+        self.genre_names = sorted(bundle.item_facet_names("genre"))
+        self.table = item_table(bundle)
+        self.popular_order = bundle.item_array("popular_order")
+        self.search = ItemSearch.load(bundle.retrieval_vectors, bundle.dir)
         self.temperature = float(bundle.user_model_config["temperature"])
         self.vocab = bundle.vocab
         self.layout = self.vocab.layout
@@ -98,7 +102,7 @@ class Recommender:
         self.sid_len = int(self.item_sid_ids.shape[1])
         self.projector = bundle.projector
         self.reranker = bundle.reranker if with_reranker else None
-        self.n_items = len(catalog)
+        self.n_items = len(self.popular_order)
 
     def prompt(
         self,
@@ -155,11 +159,13 @@ class Recommender:
         return [Scored(beams[i].item, float(scores[i])) for i in order]
 
     def popular(self, seen: set[int], k: int) -> list[int]:
-        return unseen(self.popular_order.tolist(), seen, k)
+        """The k most popular unseen items (reads only the head of the mapped order)."""
+        head = self.popular_order[: k + len(seen)]
+        return unseen((int(i) for i in head), seen, k)
 
     def nearest(self, user: np.ndarray, seen: set[int], k: int) -> list[Scored]:
         """Items closest to the user vector (the ANN fallback), unseen ones only."""
-        query = retrieval_query(user, self.temperature)[None]
-        scores, items = self.index.search(query, min(self.n_items, k + len(seen)))
-        pairs = [(int(i), float(s)) for i, s in zip(items[0], scores[0], strict=True) if i >= 0]
+        query = retrieval_query(user, self.temperature)
+        items, scores = self.search.search(query, min(self.n_items, k + len(seen)))
+        pairs = zip(items.tolist(), scores.tolist(), strict=True)
         return [Scored(i, s) for i, s in pairs if i not in seen][:k]

@@ -29,9 +29,9 @@ FEATURES = (
 class ItemTable:
     """Per-item arrays the features read; all rows indexed by item."""
 
-    vectors: np.ndarray  # (n, d) user-model item vectors, L2-normalised
-    content: np.ndarray  # (n, 384) content vectors, L2-normalised
-    genres: np.ndarray  # (n, g) multi-hot float32
+    vectors: np.ndarray  # (n, d) user-model item vectors, L2-normalised (float16 or 32)
+    content: np.ndarray  # (n, 384) content vectors, L2-normalised (float16 or 32)
+    genres: np.ndarray  # (n, g) multi-hot (uint8 or float32)
     log_popularity: np.ndarray  # (n,)
     year: np.ndarray  # (n,) float, NaN unknown
     prior: np.ndarray  # (n,) the user model's item prior, on the scale of user·item
@@ -52,12 +52,13 @@ def candidate_features(
     out[:, 0] = logprobs
     out[:, 1] = np.arange(n)
     has_user = user is not None and np.any(user)
-    out[:, 2] = table.vectors[cand] @ user + table.prior[cand] if has_user else np.nan
+    vectors = _rows(table.vectors, cand)
+    out[:, 2] = vectors @ user + table.prior[cand] if has_user else np.nan
     if len(hist):
-        out[:, 3] = table.vectors[cand] @ table.vectors[hist[-1]]
-        out[:, 4] = table.content[cand] @ table.content[hist[-5:]].mean(axis=0)
-        share = table.genres[hist[-20:]].mean(axis=0)
-        out[:, 5] = table.genres[cand] @ share
+        out[:, 3] = vectors @ _rows(table.vectors, hist[-1:])[0]
+        out[:, 4] = _rows(table.content, cand) @ _rows(table.content, hist[-5:]).mean(axis=0)
+        share = _rows(table.genres, hist[-20:]).mean(axis=0)
+        out[:, 5] = _rows(table.genres, cand) @ share
         hist_year = table.year[hist[-10:]]
         mean_year = np.nanmean(hist_year) if np.isfinite(hist_year).any() else np.nan
         out[:, 7] = np.abs(table.year[cand] - mean_year)
@@ -65,6 +66,12 @@ def candidate_features(
         out[:, [3, 4, 5, 7]] = np.nan
     out[:, 6] = table.log_popularity[cand]
     return out
+
+
+def _rows(table: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """Rows of a (possibly float16 or uint8, memory-mapped) table, widened to float32 so
+    sums and products are computed as with a float32 table."""
+    return np.asarray(table[items], dtype=np.float32)
 
 
 def train_reranker(

@@ -58,6 +58,30 @@ def generate(
     if min(n_users, n_items, n_clusters) < 1 or mean_len < 3:
         raise ValueError("need n_users, n_items, n_clusters >= 1 and mean_len >= 3")
     rng = np.random.default_rng(seed)
+    cluster, members, sizes, starts, rank = _clusters(rng, n_items, n_clusters)
+    items = _items(rng, cluster, rank, n_clusters)
+    interactions = _interactions(rng, members, sizes, starts, n_users, mean_len)
+    ds = build_dataset(NAME, interactions, items, _users(rng, n_users), checksum="")
+    return replace(ds, checksum=checksum(atomic_bytes(ds)))
+
+
+def catalog_items(
+    n_items: int, n_clusters: int = 32, seed: int = 0
+) -> tuple[pd.DataFrame, np.ndarray]:
+    """The items `generate` makes for a seed, alone: no users, no interactions and no
+    Python list per item (genres stay space-separated text), so 10M+ items fit in memory
+    for catalog-scale benchmarks. Returns the items (with `uri`) and each item's cluster."""
+    rng = np.random.default_rng(seed)
+    cluster, _, _, _, rank = _clusters(rng, n_items, n_clusters)
+    items = _items(rng, cluster, rank, n_clusters)
+    items["uri"] = NAME + ":" + items["kind"] + ":" + items["item_id"]
+    return items, cluster
+
+
+def _clusters(
+    rng: np.random.Generator, n_items: int, n_clusters: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(cluster per item, items by cluster, cluster sizes, their starts, rank in cluster)."""
     cluster = rng.choice(n_clusters, size=n_items, p=rng.dirichlet(np.full(n_clusters, 2.0)))
     # Items of each cluster, contiguous, in a random order that doubles as popularity rank.
     members = np.lexsort((rng.random(n_items), cluster))
@@ -65,11 +89,7 @@ def generate(
     starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))
     rank = np.empty(n_items, dtype=np.int64)
     rank[members] = np.arange(n_items) - starts[cluster[members]]
-
-    items = _items(rng, cluster, rank, n_clusters)
-    interactions = _interactions(rng, members, sizes, starts, n_users, mean_len)
-    ds = build_dataset(NAME, interactions, items, _users(rng, n_users), checksum="")
-    return replace(ds, checksum=checksum(atomic_bytes(ds)))
+    return cluster, members, sizes, starts, rank
 
 
 def cluster_genres(n_clusters: int) -> list[str]:
@@ -297,3 +317,38 @@ def _table(columns: Mapping[str, pd.Series]) -> bytes:
     rows = pa.LargeListArray.from_arrays(pa.array([0, len(lines)], pa.int64()), lines)
     body = pc.binary_join(rows, newline)[0].as_buffer().to_pybytes()
     return "\t".join(columns).encode("utf-8") + b"\n" + body + (b"\n" if len(lines) else b"")
+
+
+# --- item vectors ------------------------------------------------------------------------
+
+
+def clustered_vectors(
+    cluster: np.ndarray,
+    dim: int,
+    seed: int = 0,
+    spread: float = 0.5,
+    out: np.ndarray | None = None,
+    block: int = 1 << 16,
+) -> np.ndarray:
+    """Unit vectors near their cluster's centre, with sub-cluster structure (up to 65,536
+    sub-centres in all), as a trained model's item vectors look; written
+    block by block into `out` (e.g. a memory-mapped .npy of any float dtype)."""
+    n = len(cluster)
+    n_clusters = int(cluster.max()) + 1 if n else 0
+    rng = np.random.default_rng(seed)
+    centres = _unit(rng.standard_normal((n_clusters, dim)))
+    per_cluster = max(1, min(n // 8, 1 << 16) // max(n_clusters, 1))
+    sub = _unit(rng.standard_normal((n_clusters * per_cluster, dim)))
+    target = np.empty((n, dim), dtype=np.float32) if out is None else out
+    for start in range(0, n, block):
+        c = cluster[start : start + block]
+        m = len(c)
+        noise = rng.standard_normal((m, dim), dtype=np.float32) * (spread / np.sqrt(dim))
+        s = sub[c * per_cluster + rng.integers(0, per_cluster, size=m)] * spread
+        target[start : start + m] = _unit(centres[c] + s + noise)
+    return target
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)

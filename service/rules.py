@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -27,8 +27,8 @@ class Candidate:
 class ItemFacts:
     """Per-item facts the rules read, indexed by item."""
 
-    genres: list[tuple[str, ...]]
-    creators: list[str]
+    genres: Sequence[tuple[str, ...]]
+    creators: Sequence[str]
     markets: list[frozenset[str] | None]  # None: available everywhere
     min_age: np.ndarray  # (n,) int
 
@@ -207,7 +207,7 @@ class Rules:
 
 
 def load_availability(
-    path: Path | None, uri_index: dict[str, int], n_items: int
+    path: Path | None, uri_index: Mapping[str, int], n_items: int
 ) -> tuple[list[frozenset[str] | None], np.ndarray]:
     """Markets and minimum ages from a CSV with columns `uri,markets,min_age`.
 

@@ -34,7 +34,7 @@ from model_store.vocab import words_of
 from service import metrics, rules, taste
 from service.admission import SETTLE_BATCHES, Admission
 from service.batcher import Batcher, DeadlineExceeded
-from service.ranking import Ranker, first_of_each
+from service.ranking import Ranker, Words, first_of_each
 from service.rules import Candidate, ItemFacts, RuleInput, Rules
 from service.schemas import (
     Item,
@@ -159,16 +159,18 @@ class Recommendations:
         trace = Trace()
         with self.batcher.admission.admitted(self._deadline(trace)):
             facts = await self.users.read(user_id, trace, context, ask.current_item)
-            request = self._rule_input(facts, ask)
+            with trace.stage("words"):
+                words = self.ranker.read_words(ask.words)
+            request = self._rule_input(facts, ask, words)
             seen = set(facts.history)
-            beams, served_by = await self._generate(facts, ask, request, trace)
+            beams, served_by = await self._generate(facts, words, ask, request, trace)
         with trace.stage("fallback"):
             path, backfill = self.ranker.backfill(facts, seen, 3 * ask.k + len(ask.excluded))
         if not beams:
             served_by = path
         with trace.stage("rerank"):
             ranked = self.ranker.rank(
-                facts, beams, served_by, ask.words, ask.prompt_weight, ask.k,
+                facts, beams, served_by, words, ask.prompt_weight, ask.k,
                 leave_out=frozenset(seen) | ask.excluded,
             )  # fmt: skip
         with trace.stage("rules"):
@@ -187,7 +189,7 @@ class Recommendations:
     def _deadline(self, trace: Trace) -> float:
         return trace.started + self.settings.deadline_ms / 1000.0
 
-    def _rule_input(self, facts: UserFacts, ask: Ask) -> RuleInput:
+    def _rule_input(self, facts: UserFacts, ask: Ask, words: Words) -> RuleInput:
         return RuleInput(
             seen=frozenset(facts.history),
             excluded=ask.excluded,
@@ -197,18 +199,18 @@ class Recommendations:
             genre_cap=self.settings.genre_cap,
             creator_cap=self.settings.creator_cap,
             taste=taste.resolve(facts.edits, self.catalog),
-            asked_genres=self.catalog.known_genres(words_of(ask.words)),
+            asked_genres=words.intent.genres,
             disliked=facts.disliked,
             skipped=facts.skipped,
         )
 
     async def _generate(
-        self, facts: UserFacts, ask: Ask, request: RuleInput, trace: Trace
+        self, facts: UserFacts, words: Words, ask: Ask, request: RuleInput, trace: Trace
     ) -> tuple[list[Beam], ServedBy]:
         """The generated items and the path they stand for; on an engine failure or a
         missed deadline, none and `ann` (the backfill then decides ann or popularity)."""
         with trace.stage("project"):
-            prompt = self._prompt(facts, ask)
+            prompt = self._prompt(facts, words)
         width = max(ask.beam_width or self.settings.beam_width, ask.k)
         try:
             with trace.stage("generate"):
@@ -227,13 +229,13 @@ class Recommendations:
             trace.record(f"beam_step_{level}", seconds)
         return searched.beams, "generative" if facts.embedding is not None else "prompt-only"
 
-    def _prompt(self, facts: UserFacts, ask: Ask) -> Prompt:
-        """Soft token + context + history as SIDs + the user's words (and `more` genres);
-        `less` genres are written as words to avoid."""
+    def _prompt(self, facts: UserFacts, words: Words) -> Prompt:
+        """Soft token + context + history as SIDs + the user's words, the genres they ask
+        for (named or meant) and `more` genres; `less` genres are written as words to avoid."""
         mode = MODES["soft+prompt" if facts.embedding is not None else "prompt"]
         vocab = self.core.vocab
-        words = [*words_of(ask.words), *facts.edits.more.genres]
-        known = list(dict.fromkeys(w for w in words if vocab.known(w)))
+        asked = [*words_of(words.text), *sorted(words.intent.genres), *facts.edits.more.genres]
+        known = list(dict.fromkeys(w for w in asked if vocab.known(w)))
         less = [g for g in facts.edits.less.genres if vocab.known(g)]
         return self.core.prompt(
             mode, facts.prompt_history, facts.embedding, facts.context, known, less

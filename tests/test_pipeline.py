@@ -18,7 +18,7 @@ from model_store.generation import Prompt, Session
 from model_store.userstate.connect import sync_client
 from model_store.userstate.publish import publish_bundle
 from service.recommendations import Recommendations
-from service.schemas import RecommendationRequest
+from service.schemas import PlaylistRequest, RecommendationRequest
 from service.settings import Settings
 from service.userstore import UserStore
 from tests.servers import RedisServer
@@ -59,12 +59,20 @@ class SlowEngine:
         return self.inner.open(prompts)
 
 
-def _run(bundle: Bundle, engine: object, redis_url: str, req: RecommendationRequest, **settings):
+def _run(
+    bundle: Bundle,
+    engine: object,
+    redis_url: str,
+    req: RecommendationRequest | PlaylistRequest,
+    **settings,
+):
     async def go():
         store = UserStore(redis_url, timeout_s=0.05, cooldown_s=settings.pop("cooldown", 1.0))
         config = Settings(bundle=bundle.dir, **settings)
         pipeline = Recommendations.create(bundle, engine, store, config)  # type: ignore[arg-type]
         try:
+            if isinstance(req, PlaylistRequest):
+                return await pipeline.playlist(req)
             return await pipeline.recommend(req)
         finally:
             pipeline.close()
@@ -188,3 +196,19 @@ def test_embeddings_of_another_bundle_are_not_used(bundle, torch_engine, tmp_pat
         assert resp.served_by == "prompt-only" and resp.degraded == ["stale_embedding"]
     finally:
         server.stop()
+
+
+def test_a_playlist_asked_in_plain_words_follows_their_meaning(bundle, torch_engine, redis_server):
+    """No genre word, yet the words mean one: the list holds that genre, past the diversity
+    cap; words that mean no genre in particular keep the cap."""
+    user, _ = _user(bundle)
+    genres = dict(zip(bundle.catalog["uri"], bundle.catalog["genres"], strict=True))
+
+    def playlist(words: str) -> list[str]:
+        req = PlaylistRequest(user_id=user, prompt=words, length=10)
+        return [i.uri for i in _run(bundle, torch_engine, redis_server.url, req).items]
+
+    cowboys = playlist("cowboys and the frontier")
+    assert sum("western" in genres[u] for u in cowboys) >= 8, [genres[u] for u in cowboys]
+    vague = playlist("what should I watch next")
+    assert max(sum(g in genres[u] for u in vague) for g in {"drama", "comedy"}) <= 4

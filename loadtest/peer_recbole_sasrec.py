@@ -50,7 +50,9 @@ Run (CPU, 2 threads; writes logs and checkpoints under --out, not in the reposit
 `--max-train-minutes M` stops training at the first epoch end after M minutes (the best
 checkpoint so far is kept and scored; the JSON says so). `--rescore CHECKPOINT` skips
 training and scores a saved checkpoint (same data, same checks). The last line printed is
-a JSON object with the results.
+a JSON object with the results. `--per-user FILE` also writes each user's history-excluded
+HR/NDCG in genrec's per-user score file (see model_store/evaluate.py), for
+`genrec eval BUNDLE --peer FILE` (a paired bootstrap of served − SASRec on the same users).
 
 Speed note: importing `recbole.model.sequential_recommender` runs
 `torch.autograd.set_detect_anomaly(True)` (module level of recbole's sine.py), which makes
@@ -73,6 +75,7 @@ import numpy as np
 import torch
 
 CUTOFFS = (10, 30)
+PER_USER_FORMAT = "genrec-per-user/1"  # model_store.evaluate.PER_USER_FORMAT
 DATASET = "ml-100k"
 # RecBole ignores `data_path` for a dataset named "ml-100k" (it always reads the copy in its
 # own dataset_example/), so the pre-sorted copy goes under another name.
@@ -233,38 +236,63 @@ def check_split(dataset, test_ds, valid_ds, rows, per_user, max_len: int) -> dic
     return out
 
 
-def summarise(ranks: np.ndarray) -> dict[str, float]:
-    out: dict[str, float] = {}
+def per_user_columns(ranks: np.ndarray) -> dict[str, np.ndarray]:
+    """Each user's HR@k and NDCG@k (ranks 0-based); their means are the reported figures."""
+    out: dict[str, np.ndarray] = {}
     for k in CUTOFFS:
         hit = ranks < k
-        out[f"HR@{k}"] = float(np.mean(hit))
-        out[f"NDCG@{k}"] = float(np.mean(np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0)))
+        out[f"HR@{k}"] = hit.astype(np.float64)
+        out[f"NDCG@{k}"] = np.where(hit, 1.0 / np.log2(ranks + 2.0), 0.0)
     return out
 
 
+def summarise(ranks: np.ndarray) -> dict[str, float]:
+    return {name: float(np.mean(values)) for name, values in per_user_columns(ranks).items()}
+
+
+def write_per_user(path: str, users: list[str], ranks: np.ndarray, meta: dict) -> None:
+    """genrec's per-user score file (format in model_store/evaluate.py's docstring), so
+    `genrec eval --peer PATH` can pair these users with genrec's. Written here by hand:
+    genrec is not installed in the peer's environment."""
+    doc = {
+        "format": PER_USER_FORMAT,
+        "name": f"RecBole {meta['recbole']} SASRec",
+        "user_id": users,
+        "rows": {
+            "SASRec": {m: v.tolist() for m, v in per_user_columns(ranks).items()},
+        },
+        "meta": meta,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(doc, fh)
+
+
 @torch.no_grad()
-def rescore(model, dataset, test_ds, rows, per_user) -> tuple[dict, dict, int]:
-    """Ranks of each user's test item over all items; history excluded and not excluded."""
+def rescore(model, dataset, test_ds, rows, per_user) -> tuple[np.ndarray, np.ndarray, int, list]:
+    """Ranks of each user's test item over all items, history excluded and not excluded,
+    the score ties after exclusion, and the raw user id of each rank."""
     uid_field, iid_field = dataset.uid_field, dataset.iid_field
     model.eval()
     inter = test_ds.inter_feat
     scores = model.full_sort_predict(inter).float()  # [users, item_num], column 0 = [PAD]
     scores[:, 0] = -math.inf
     targets = inter[iid_field].long()
-    excluded, plain = [], []
+    excluded, plain, users = [], [], []
     ties = 0
     for k, uid in enumerate(inter[uid_field].numpy()):
         row = scores[k].clone()
         target_score = row[targets[k]].item()
         plain.append(int((row > target_score).sum()))
         raw_user = dataset.id2token(uid_field, int(uid))
+        users.append(str(raw_user))
         history = [rows[j][1] for j in per_user[raw_user][:-1]]
         hist_ids = torch.as_tensor(dataset.token2id(iid_field, history), dtype=torch.long)
         assert int(targets[k]) not in set(hist_ids.tolist()), "test item repeats history"
         row[hist_ids] = -math.inf
         excluded.append(int((row > target_score).sum()))
         ties += int((row == target_score).sum()) - 1
-    return summarise(np.array(excluded)), summarise(np.array(plain)), ties
+    return np.array(excluded), np.array(plain), ties, users
 
 
 def main() -> int:
@@ -290,7 +318,15 @@ def main() -> int:
         help="stop training at the first epoch end after this many minutes",
     )
     parser.add_argument("--rescore", default=None, help="score this checkpoint, do not train")
+    parser.add_argument(
+        "--per-user",
+        default=None,
+        help="also write the history-excluded per-user scores here (genrec's per-user score "
+        "file, for `genrec eval --peer`)",
+    )
     args = parser.parse_args()
+    if args.per_user:
+        args.per_user = os.path.abspath(args.per_user)  # before the chdir below
 
     started = time.time()
     args.out = os.path.abspath(args.out)
@@ -389,12 +425,12 @@ def main() -> int:
     model.load_state_dict(checkpoint["state_dict"])
     model.load_other_parameter(checkpoint.get("other_parameter"))
     recbole_test = trainer.evaluate(test_data, load_best_model=False, show_progress=False)
-    excluded, plain, score_ties = rescore(model, dataset, test_data._dataset, rows, per_user)
+    excluded, plain, score_ties, users = rescore(model, dataset, test_data._dataset, rows, per_user)
 
     result.update(
         {
-            "history_excluded": excluded,
-            "history_not_excluded_own_rescore": plain,
+            "history_excluded": summarise(excluded),
+            "history_not_excluded_own_rescore": summarise(plain),
             "recbole_test_not_excluded": {k: float(v) for k, v in recbole_test.items()},
             "target_score_ties_after_exclusion": score_ties,
             "epochs_trained": len(epochs_run),
@@ -408,6 +444,10 @@ def main() -> int:
             "wall_s": round(time.time() - started, 1),
         }
     )
+    if args.per_user:
+        meta = {"recbole": recbole.__version__, "seed": args.seed, "checkpoint": checkpoint_file}
+        write_per_user(args.per_user, users, excluded, meta)
+        result["per_user_file"] = os.path.abspath(args.per_user)
     print(json.dumps(result))
     return 0
 

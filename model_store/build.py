@@ -177,8 +177,12 @@ def build(
     run_eval: bool = True,
     show_progress: bool = True,
     cache_dir: Path | None = None,
+    preset: str | None = None,
+    dataset_source: str | None = None,
 ) -> dict[str, Any]:
-    """Builds the bundle into `out` (replaced) and returns its manifest."""
+    """Builds the bundle into `out` (replaced) and returns its manifest. `preset` and
+    `dataset_source` (what `--dataset` named) are recorded so `genrec eval --seeds` can
+    build the same bundle with another seed."""
     torch.manual_seed(cfg.seed)
     timer = Timer()
     if out.exists():
@@ -253,6 +257,8 @@ def build(
 
     meta: dict[str, Any] = {
         "dataset": ds.name,
+        "dataset_source": dataset_source,
+        "preset": preset,
         "dataset_checksum": ds.checksum,
         "holdout": holdout,
         "held_out": "last interaction per user (test); histories end before it"
@@ -270,18 +276,18 @@ def build(
     if run_eval and plan.holdout is not None:
         with timer.stage("evaluation"):
             from model_store.engines.torch_engine import TorchEngine
-            from model_store.evaluate import evaluate, write_report
+            from model_store.evaluate import evaluate, write_bundle_report
 
             bundle = Bundle(out)
-            results = evaluate(
+            evaluation = evaluate(
                 bundle,
                 TorchEngine.from_dir(bundle.llm_dir),
                 beam_width=cfg.beam_width,
                 seed=cfg.seed,
                 show_progress=show_progress,
             )
-            write_report(results, out)
-            meta["evaluation"] = results
+            write_bundle_report(evaluation, cfg.seed, out)
+            meta["evaluation"] = evaluation.summary
     meta["build_seconds"] = timer.seconds
     manifest = write_manifest(out, meta)
     log.info(

@@ -5,13 +5,19 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from model_store.data import Dataset
+
+if TYPE_CHECKING:
+    from model_store.bundle import Bundle
+    from model_store.config import BuildConfig
+    from model_store.evaluate import Evaluation
 
 app = typer.Typer(
     help="genrec: generative recommendations over Semantic IDs.", no_args_is_help=True
@@ -108,6 +114,39 @@ def synth(
     )
 
 
+def run_build(
+    ds: Dataset,
+    out: Path,
+    cfg: BuildConfig,
+    *,
+    source: str,
+    preset: str | None,
+    holdout: str = "test",
+    base_model: Path | None = None,
+    run_eval: bool = True,
+) -> dict[str, Any]:
+    """One build, as `genrec build` runs it (also for `genrec eval --seeds`' siblings)."""
+    from model_store import data
+    from model_store.build import build as build_bundle
+
+    return build_bundle(
+        ds,
+        out,
+        cfg,
+        holdout=holdout,
+        base_model=base_model,
+        run_eval=run_eval,
+        cache_dir=data.default_cache_dir(),
+        preset=preset,
+        dataset_source=source,
+    )
+
+
+def dataset_source(name_or_dir: str) -> str:
+    """What a manifest records of `--dataset`: the name, or the directory made absolute."""
+    return name_or_dir if name_or_dir == "ml-100k" else str(Path(name_or_dir).resolve())
+
+
 @app.command()
 def build(
     out: Annotated[Path, typer.Option(help="Bundle directory (replaced).")],
@@ -128,7 +167,6 @@ def build(
     from dataclasses import replace
 
     from model_store import data
-    from model_store.build import build as run_build
     from model_store.config import PRESETS
 
     set_threads(threads)
@@ -144,10 +182,11 @@ def build(
         ds,
         out,
         cfg,
+        source=dataset_source(dataset),
+        preset=preset.value,
         holdout=holdout.value,
         base_model=base_model,
         run_eval=evaluate,
-        cache_dir=data.default_cache_dir(),
     )
     typer.echo(
         f"bundle {manifest['bundle_version']} in {time.perf_counter() - start:.0f} s → {out}"
@@ -158,6 +197,87 @@ def build(
         typer.echo(lift_table(manifest["evaluation"]))
 
 
+@dataclass(frozen=True)
+class EvalOptions:
+    """How `genrec eval` evaluates each seed's bundle."""
+
+    engine: EngineKind
+    beam_width: int | None  # None: the bundle's config (what its build evaluated with)
+    max_users: int | None
+
+    def reuses_build(self, manifest: dict[str, Any]) -> bool:
+        """Whether these options ask for exactly the evaluation a build runs (then a
+        sibling's build evaluates, and `genrec eval` reuses it)."""
+        width = self.beam_width or int(manifest["config"]["beam_width"])
+        return (
+            "evaluation" in manifest
+            and self.engine == EngineKind.torch
+            and self.max_users is None
+            and width == int(manifest["config"]["beam_width"])
+        )
+
+
+def build_sibling(manifest: dict[str, Any], seed: int, path: Path, run_eval: bool) -> None:
+    """Builds the bundle `manifest` describes with another seed into `path`, from the same
+    data (checked by checksum), preset and options."""
+    from model_store.evaluate import bundle_preset, sibling_config
+
+    cfg = sibling_config(manifest, seed)
+    source = str(manifest.get("dataset_source") or manifest["dataset"])
+    ds = load_named_dataset(source)
+    if ds.checksum != manifest["dataset_checksum"]:
+        raise ValueError(f"dataset {source!r} is not the data the bundle was built from")
+    typer.echo(f"building seed {seed} → {path}", err=True)
+    base_model = manifest.get("base_model")
+    run_build(
+        ds,
+        path,
+        cfg,
+        source=source,
+        preset=bundle_preset(manifest),
+        holdout=str(manifest["holdout"]),
+        base_model=Path(base_model) if base_model else None,
+        run_eval=run_eval,
+    )
+
+
+def seed_bundles(bundle: Bundle, seeds: int | None, options: EvalOptions) -> list[Bundle]:
+    """The given bundle and its seed siblings (built when missing, checked when present)."""
+    from model_store.bundle import load_bundle
+    from model_store.evaluate import check_sibling, default_seed_count, seed_dirs
+
+    n = seeds or default_seed_count(bundle.manifest)
+    bundles = [bundle]
+    for seed, path in list(seed_dirs(bundle.dir, bundle.manifest, n).items())[1:]:
+        if not path.exists():
+            build_sibling(bundle.manifest, seed, path, options.reuses_build(bundle.manifest))
+        sibling = load_bundle(path)
+        check_sibling(bundle.manifest, sibling.manifest, seed, path)
+        bundles.append(sibling)
+    return bundles
+
+
+def evaluate_seed(bundle: Bundle, options: EvalOptions) -> Evaluation:
+    """One seed's evaluation: the one its build stored when it matches, else a fresh run."""
+    from model_store.engines import open_engine
+    from model_store.evaluate import config_seed, evaluate, stored_evaluation
+
+    width = options.beam_width or int(bundle.manifest["config"]["beam_width"])
+    if options.engine == EngineKind.torch:
+        stored = stored_evaluation(bundle, beam_width=width, max_users=options.max_users)
+        if stored is not None:
+            typer.echo(f"{bundle.dir}: reusing the evaluation its build stored", err=True)
+            return stored
+    with open_engine(options.engine.value, bundle.llm_dir) as eng:
+        return evaluate(
+            bundle,
+            eng,
+            beam_width=width,
+            seed=config_seed(bundle.manifest),
+            max_users=options.max_users,
+        )
+
+
 @app.command("eval")
 def eval_command(
     bundle_dir: Annotated[Path, typer.Argument(help="Bundle directory.")],
@@ -165,26 +285,57 @@ def eval_command(
         Path | None, typer.Option(help="Report directory (default BUNDLE-eval).")
     ] = None,
     engine: EngineKind = EngineKind.torch,
-    beam_width: int = 50,
-    max_users: int | None = None,
+    beam_width: Annotated[
+        int | None, typer.Option(help="Beams (default: the bundle's, as its build used).")
+    ] = None,
+    max_users: Annotated[
+        int | None, typer.Option(help="Evaluate only the first N test users.")
+    ] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: all cores).")] = None,
+    seeds: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Builds to evaluate, differing only in --seed: the bundle and BUNDLE-seed<K> "
+            "siblings, built when missing (default: 3 for the full preset, else 1).",
+        ),
+    ] = None,
+    peer: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="A peer's per-user score file (repeatable): paired bootstrap of served − peer."
+        ),
+    ] = None,
 ) -> None:
-    """Run the evaluation protocol on a bundle: eval.json, eval.md, eval.png."""
+    """Run the evaluation protocol on a bundle (and its seed siblings): every row as mean ±
+    std over seeds, peer intervals; eval.json, eval.md, eval.png, per_user.json."""
     set_threads(threads)
-    from model_store.bundle import BundleError, load_bundle
-    from model_store.engines import open_engine
-    from model_store.evaluate import evaluate, lift_table, write_report
+    from model_store.bundle import load_bundle
+    from model_store.evaluate import (
+        config_seed,
+        read_per_user,
+        report_markdown,
+        seed_report,
+        write_report,
+    )
 
-    try:
-        bundle = load_bundle(bundle_dir)
-    except BundleError as e:
-        raise fail(str(e)) from e
+    options = EvalOptions(engine, beam_width, max_users)
     start = time.perf_counter()
-    with open_engine(engine.value, bundle.llm_dir) as eng:
-        results = evaluate(bundle, eng, beam_width=beam_width, max_users=max_users)
+    try:
+        peers = [(str(path), read_per_user(path)) for path in peer or []]
+        bundles = seed_bundles(load_bundle(bundle_dir), seeds, options)
+        evaluations = [evaluate_seed(b, options) for b in bundles]
+        report = seed_report(
+            [config_seed(b.manifest) for b in bundles],
+            [str(b.dir) for b in bundles],
+            evaluations,
+            peers,
+        )
+    except ValueError as e:  # BundleError, DataError and bad peer files included
+        raise fail(str(e)) from e
     target = out or bundle_dir.with_name(bundle_dir.name + "-eval")
-    write_report(results, target)
-    typer.echo(lift_table(results))
+    write_report(report, target)
+    typer.echo(report_markdown(report))
     typer.echo(json.dumps({"seconds": round(time.perf_counter() - start, 1), "out": str(target)}))
 
 

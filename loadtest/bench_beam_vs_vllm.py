@@ -276,7 +276,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 valid = node is not None
                 n_beams += 1
                 n_valid += valid
-                if valid:
+                if node is not None:
                     item = trie.item_of(node)
                     n_valid_unseen += item not in case.seen
                     items.add(item)

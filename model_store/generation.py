@@ -117,30 +117,23 @@ def beam_search(
         return []
     if exclude is not None and len(exclude) != len(prompts):
         raise ValueError("exclude needs one collection per prompt")
-    blocked = [trie.blocked_nodes(e) if e else None for e in exclude or [()] * len(prompts)]
+    blocked = _blocked_keys(trie, exclude or [()] * len(prompts))
     session = engine.open(prompts)
     owner = np.arange(len(prompts))  # prompt index of each live row
     nodes = np.zeros(len(prompts), dtype=np.int64)  # trie node of each live row
     scores = np.zeros(len(prompts), dtype=np.float64)
     paths = np.zeros((len(prompts), 0), dtype=np.int64)  # codes so far, one row per beam
     for level in range(trie.levels):
-        child_codes, child_nodes = _allowed_children(trie, nodes, owner, blocked)
-        tokens = [layout.token(level, c) for c in child_codes]
+        cand_row, cand_code, cand_node = _allowed_children(trie, nodes, owner, blocked)
+        bounds = np.searchsorted(cand_row, np.arange(1, len(nodes)))
+        tokens = np.split(layout.token(level, cand_code), bounds)
         started = time.perf_counter()
         raw = _score(session, tokens, stats)
         if stats is not None:
             stats.level_seconds.append(time.perf_counter() - started)
-        cand_row = np.concatenate([np.full(len(c), r) for r, c in enumerate(child_codes)])
-        cand_code = np.concatenate(child_codes)
-        cand_node = np.concatenate(child_nodes)
-        cand_score = np.concatenate(
-            [
-                scores[r] + _log_normalise(np.asarray(lp, dtype=np.float64))
-                for r, lp in enumerate(raw)
-            ]
-        )
-        if not len(cand_score):
+        if not len(cand_row):
             return [[] for _ in prompts]  # every item of every prompt is excluded
+        cand_score = scores[cand_row] + _log_normalise(np.concatenate(raw), cand_row)
         keep = _top_per_owner(owner[cand_row], cand_score, beam_width)
         parents = cand_row[keep]
         owner, nodes, scores = owner[parents], cand_node[keep], cand_score[keep]
@@ -189,27 +182,37 @@ def _score(
     return [a if len(t) > 1 else np.zeros(len(t)) for a, t in zip(answers, tokens, strict=True)]
 
 
+def _blocked_keys(trie: SIDTrie, exclude: Sequence[Collection[int]]) -> np.ndarray:
+    """Sorted `prompt * n_nodes + node` of every node each prompt must not expand: one
+    lookup per level for all rows, however many prompts exclude how many items."""
+    keys = [p * trie.n_nodes + trie.blocked_nodes(e) for p, e in enumerate(exclude) if e]
+    return np.sort(np.concatenate(keys)) if keys else np.zeros(0, dtype=np.int64)
+
+
 def _allowed_children(
-    trie: SIDTrie, nodes: np.ndarray, owner: np.ndarray, blocked: Sequence[np.ndarray | None]
-) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """(codes, node ids) of each live row's children, minus its prompt's blocked nodes."""
-    codes, children = [], []
-    for node, o in zip(nodes, owner, strict=True):
-        c, n = trie.children(int(node))
-        cut = blocked[o]
-        if cut is not None and len(n):
-            keep = ~np.isin(n, cut, assume_unique=True)
-            c, n = c[keep], n[keep]
-        codes.append(c)
-        children.append(n)
-    return codes, children
+    trie: SIDTrie, nodes: np.ndarray, owner: np.ndarray, blocked: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row, code, node id) of every live row's children, grouped by row, minus the nodes
+    its prompt may not expand."""
+    rows, codes, children = trie.children_batch(nodes)
+    if len(blocked) and len(rows):
+        keys = owner[rows] * trie.n_nodes + children
+        at = np.minimum(np.searchsorted(blocked, keys), len(blocked) - 1)
+        keep = blocked[at] != keys
+        rows, codes, children = rows[keep], codes[keep], children[keep]
+    return rows, codes.astype(np.int64), children
 
 
-def _log_normalise(values: np.ndarray) -> np.ndarray:
+def _log_normalise(values: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """`values` minus the log-sum-exp of its row's values (`rows` grouped, ascending)."""
     if not len(values):
-        return values
-    top = float(values.max())
-    return values - (top + float(np.log(np.exp(values - top).sum())))
+        return values.astype(np.float64)
+    values = values.astype(np.float64)
+    starts = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1]])
+    counts = np.diff(np.r_[starts, len(values)])
+    top = np.repeat(np.maximum.reduceat(values, starts), counts)
+    total = np.add.reduceat(np.exp(values - top), starts)
+    return values - top - np.repeat(np.log(total), counts)
 
 
 def _top_per_owner(owner: np.ndarray, score: np.ndarray, k: int) -> np.ndarray:

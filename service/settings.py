@@ -59,6 +59,12 @@ class Settings(BaseSettings):
         "Empty: `GENREC_ENGINE_URL` alone.",
     )
     kv_cache_gib: float = Field(1.0, description="KV-cache size of the in-process engine.")
+    engine_threads: int = Field(
+        1,
+        ge=1,
+        description="Torch intra-op threads of the in-process engine: 1 keeps its many tiny "
+        "ops from waiting on threads the event loop has taken (more only with idle cores).",
+    )
     beam_width: int = Field(
         20, ge=1, le=256, description="Beams (distinct candidates) per request."
     )

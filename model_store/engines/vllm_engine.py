@@ -8,6 +8,7 @@ prompt's, for every beam of it), so a row recomputes only its last partial block
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,6 +40,7 @@ class VLLMEngine(EmbeddingEngine):
 
     `**llm_kwargs` go to ``vllm.LLM`` and override the defaults set here. `kv_cache_gib`
     bounds the KV cache (prefix-cache hits included): a small model needs ~2 KiB a token.
+    `threads` is torch's intra-op thread count for this process (see :func:`pin_threads`).
     """
 
     def __init__(
@@ -52,8 +54,11 @@ class VLLMEngine(EmbeddingEngine):
         kv_cache_gib: float = 1.0,
         seed: int = 0,
         warmup: bool = True,
+        threads: int | None = 1,
         **llm_kwargs: Any,
     ) -> None:
+        if threads is not None:
+            pin_threads(threads)
         from vllm import LLM
 
         options: dict[str, Any] = {
@@ -63,6 +68,9 @@ class VLLMEngine(EmbeddingEngine):
             "generation_config": "vllm",
             # The default, pinned: log-softmax of the unprocessed logits over the whole vocabulary.
             "logprobs_mode": "raw_logprobs",
+            # Prompts come as embeddings and answers as token ids: a tokenizer would only be
+            # asked for its EOS id on every request (~85 us each, through transformers).
+            "skip_tokenizer_init": True,
             "dtype": dtype,
             "block_size": block_size,
             "max_num_seqs": max_num_seqs,
@@ -104,6 +112,21 @@ class VLLMEngine(EmbeddingEngine):
         del llm
 
 
+def pin_threads(threads: int) -> None:
+    """Sets torch's intra-op threads, the way vLLM itself no longer can.
+
+    A search is hundreds of tiny ops (a row's matmuls are microseconds of work). With more
+    than one OpenMP thread each op ends in a barrier with threads that, beside a busy event
+    loop or another process, are off the CPU: every op then waits a scheduling slice. vLLM
+    means to go down to one thread for serving, but its CPU worker replaces
+    ``torch.set_num_threads`` with a no-op first, so the call is lost and torch keeps one
+    thread per core. ``torch._C.set_num_threads`` is the original, which nothing replaces.
+    """
+    if threads < 1:
+        raise ValueError("threads must be at least 1")
+    torch._C.set_num_threads(threads)
+
+
 def _shutdown(client: Any, others_open: bool) -> None:
     """Shuts one engine core down. An in-process core's shutdown also tears down vLLM's
     process-wide distributed state, which every other in-process engine shares (a gateway
@@ -123,13 +146,21 @@ def _shutdown(client: Any, others_open: bool) -> None:
 
 
 def _sampling_params(candidates: np.ndarray) -> SamplingParams:
-    """Greedy single-token request reporting the raw log-probs of `candidates` (≤ 128)."""
+    """Greedy single-token request reporting the raw log-probs of `candidates` (≤ 128).
+
+    A trie node's children are the same candidates in every search, so the parameters are
+    made once per candidate set (vLLM copies them per request)."""
+    return _params_for(np.ascontiguousarray(candidates, dtype=np.int64).tobytes())
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _params_for(candidates: bytes) -> SamplingParams:
     from vllm import SamplingParams
 
     return SamplingParams(
         max_tokens=1,
         temperature=0.0,
-        logprob_token_ids=[int(c) for c in candidates],
+        logprob_token_ids=np.frombuffer(candidates, dtype=np.int64).tolist(),
         detokenize=False,
         flat_logprobs=True,  # a few flat lists per request instead of one object per token
         skip_clone=True,

@@ -127,7 +127,12 @@ def open_serving_engine(settings: Settings, bundle: Bundle) -> Engine:
     """The configured engine, warmed up (the first generation compiles kernels). A remote
     server that does not answer yet is not fatal: requests fall back until it does."""
     if settings.engine == "inprocess":
-        return open_engine("vllm", bundle.llm_dir, kv_cache_gib=settings.kv_cache_gib)
+        return open_engine(
+            "vllm",
+            bundle.llm_dir,
+            kv_cache_gib=settings.kv_cache_gib,
+            threads=settings.engine_threads,
+        )
     urls = settings.engine_urls or [settings.engine_url]
     engine = open_engine(
         "remote", bundle.llm_dir, base_url=urls, timeout_s=settings.deadline_ms / 1000.0

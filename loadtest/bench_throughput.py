@@ -1,0 +1,225 @@
+"""Throughput of the gateway at concurrency 1 and 8, for one or more variants, in one run.
+
+Each variant is a real `genrec serve` over the same bundle and the same Redis (users
+published once), started in turn on this machine; the load generator runs here too. Per
+variant: a closed loop of 1 caller, then of 8 (after a warm-up each), and their ratio, with
+the share of answers per served path (`generative`, `prompt-only`, `ann`): a faster
+fallback is not throughput. A variant is a name, then optionally a source checkout (the
+gateway runs that code: `src=DIR` puts DIR first on PYTHONPATH, e.g. a `git worktree` of an
+older commit) and environment settings:
+
+    python -m loadtest.bench_throughput --bundle bundles/ml-100k \\
+        --variant before:src=/tmp/genrec-before --variant after --duration 30
+
+The last variant's figures are also given as ratios to the first's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from loadtest.bench_beam_vs_vllm import bench_parser, machine_info, machine_line, run_bench
+from loadtest.bench_redis import RedisServer
+from loadtest.load import run_load
+
+CONCURRENCY = (1, 8)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A gateway to measure: its name, the code it runs (None: this checkout), its env."""
+
+    name: str
+    source: Path | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def parse_variant(text: str) -> Variant:
+    """`NAME[:src=DIR][,KEY=VALUE...]` (items after the colon, comma-separated)."""
+    name, _, rest = text.partition(":")
+    if not name:
+        raise argparse.ArgumentTypeError(f"variant {text!r} has no name")
+    source, env = None, {}
+    for item in filter(None, rest.split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise argparse.ArgumentTypeError(f"variant item {item!r} is not KEY=VALUE")
+        if key == "src":
+            source = Path(value).resolve()
+        else:
+            env[key] = value
+    return Variant(name, source, env)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Gateway:
+    """`genrec serve` for one variant, ready when constructed; `close` stops it."""
+
+    def __init__(self, variant: Variant, bundle: Path, redis_url: str, log: Path) -> None:
+        self.port = _free_port()
+        env = {
+            **os.environ,
+            "REDIS_URL": redis_url,
+            "GENREC_PORT": str(self.port),
+            "GENREC_GRPC_PORT": str(_free_port()),
+            "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+            **variant.env,
+        }
+        if variant.source is not None:
+            env["PYTHONPATH"] = os.pathsep.join(
+                filter(None, [str(variant.source), env.get("PYTHONPATH")])
+            )
+        command = [sys.executable, "-m", "service.cli", "serve", "--bundle", str(bundle)]
+        with log.open("wb") as out:
+            self.proc = subprocess.Popen(
+                command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        self.base = f"http://127.0.0.1:{self.port}"
+        self._wait_ready(log)
+
+    def _wait_ready(self, log: Path, timeout_s: float = 300.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise SystemExit(f"the gateway exited; see {log}")
+            try:
+                if httpx.get(self.base + "/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.close()
+        raise SystemExit(f"the gateway was not ready in {timeout_s:.0f} s; see {log}")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+
+
+def served_shares(report: dict[str, Any]) -> dict[str, float]:
+    ok = report["ok"] or 1
+    return {path: round(n / ok, 4) for path, n in sorted(report["served_by"].items())}
+
+
+def measure(gateway: Gateway, args: argparse.Namespace, concurrency: int) -> dict[str, Any]:
+    report = run_load(
+        gateway.base,
+        concurrency=concurrency,
+        duration_s=args.duration,
+        warmup_s=args.warmup,
+        bundle=args.bundle,
+        seed=args.seed,
+        metrics_url=gateway.base + "/metrics",
+    )
+    server = report.get("server") or {}
+    return {
+        "ok_rps": report["throughput_rps"],
+        "errors": report["errors"],
+        "latency_ms": report["latency_ms"],
+        "generate_ms": report["stages_ms"].get("generate"),
+        "served": served_shares(report),
+        "engine_batch_mean": server.get("engine_batch_mean_requests"),
+    }
+
+
+def run_variant(variant: Variant, args: argparse.Namespace, redis_url: str) -> dict[str, Any]:
+    log = Path(tempfile.mkdtemp(prefix=f"genrec-{variant.name}-")) / "serve.log"
+    print(f"{variant.name}: starting the gateway (log {log})", flush=True)
+    gateway = Gateway(variant, args.bundle, redis_url, log)
+    try:
+        runs = {f"c{c}": measure(gateway, args, c) for c in CONCURRENCY}
+    finally:
+        gateway.close()
+    c1, c8 = runs["c1"]["ok_rps"], runs["c8"]["ok_rps"]
+    return {
+        "variant": {"name": variant.name, "source": str(variant.source or ""), "env": variant.env},
+        **runs,
+        "c8_over_c1": round(c8 / c1, 3) if c1 else None,
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    from model_store.bundle import load_bundle
+    from model_store.userstate.connect import sync_client
+    from model_store.userstate.publish import publish_bundle
+
+    info = machine_info()
+    with tempfile.TemporaryDirectory(prefix="genrec-redis-") as tmp:
+        redis = RedisServer(Path(tmp))
+        try:
+            url = redis.urls["unix"]
+            publish_bundle(sync_client(url), load_bundle(args.bundle))
+            variants = [run_variant(v, args, url) for v in args.variant or [Variant("current")]]
+        finally:
+            redis.close()
+    first, last = variants[0], variants[-1]
+    versus = {
+        "c8_ok_rps": round(last["c8"]["ok_rps"] / first["c8"]["ok_rps"], 3),
+        "c1_p50": round(last["c1"]["latency_ms"]["p50"] / first["c1"]["latency_ms"]["p50"], 3),
+        "c8_p99_over_first_c8_p50": round(
+            last["c8"]["latency_ms"]["p99"] / first["c8"]["latency_ms"]["p50"], 3
+        ),
+    }
+    return {"machine": info, "duration_s": args.duration, "variants": variants, "versus": versus}
+
+
+def report(r: dict[str, Any]) -> None:
+    print(machine_line(r["machine"]))
+    print(
+        f"{'variant':<12} {'c':>2} {'ok/s':>7} {'p50':>7} {'p99':>7} {'generate p50':>13} "
+        f"{'batch':>6} {'errors':>6}  served"
+    )
+    for v in r["variants"]:
+        for c in CONCURRENCY:
+            m = v[f"c{c}"]
+            gen = (m["generate_ms"] or {}).get("p50", float("nan"))
+            batch = m["engine_batch_mean"] or float("nan")
+            print(
+                f"{v['variant']['name']:<12} {c:>2} {m['ok_rps']:>7.1f} "
+                f"{m['latency_ms']['p50']:>7.1f} {m['latency_ms']['p99']:>7.1f} {gen:>13.1f} "
+                f"{batch:>6.1f} {m['errors']:>6}  {m['served']}"
+            )
+        print(f"{v['variant']['name']:<12} concurrency 8 / 1: {v['c8_over_c1']:.2f}x")
+    if len(r["variants"]) > 1:
+        x = r["versus"]
+        print(
+            f"last / first: c8 ok/s {x['c8_ok_rps']:.2f}x, c1 p50 {x['c1_p50']:.2f}x, "
+            f"c8 p99 / first's c8 p50 {x['c8_p99_over_first_c8_p50']:.2f}"
+        )
+
+
+def main() -> None:
+    parser = bench_parser(__doc__, engine=False)
+    parser.add_argument("--bundle", type=Path, default=Path("bundles/ml-100k"))
+    parser.add_argument(
+        "--variant", type=parse_variant, action="append", help="NAME[:src=DIR][,KEY=VALUE...]"
+    )
+    parser.add_argument("--duration", type=float, default=30.0, help="measured seconds per run")
+    parser.add_argument("--warmup", type=float, default=5.0)
+    run_bench(parser, run, report)
+
+
+if __name__ == "__main__":
+    main()

@@ -60,6 +60,14 @@ class Engine(Protocol):
         """A search session over `prompts`: one live row per prompt to start with."""
         ...
 
+    def score_sessions(
+        self, asks: Sequence[tuple[Session, Sequence[np.ndarray]]]
+    ) -> list[list[np.ndarray]]:
+        """`session.logprobs(candidates)` for each (session, candidates) pair: the rows of
+        several searches, possibly at different levels, in one engine step where the engine
+        can (its fixed cost per step is then paid once)."""
+        ...
+
     def warm(self) -> None:
         """Makes the first real search fast (the first generation compiles kernels)."""
         ...
@@ -96,6 +104,107 @@ class SearchStats:
     level_seconds: list[float] = field(default_factory=list)  # one entry per SID level
 
 
+class BeamSearch:
+    """One batched beam search as a state machine: the caller scores `asked` (one array of
+    candidate tokens per live row) with the engine and hands the answers to `tell`, level
+    by level, until `done`. `beam_search` drives one search alone; a scheduler can drive
+    several at different levels and score all their rows in one engine step.
+
+    Top-`beam_width` distinct items per prompt, best first, only ever valid Semantic IDs.
+    `exclude[i]` (e.g. what user i already consumed) are items prompt i must not return:
+    their branches are cut from the trie for that prompt, so scores renormalise over the
+    remaining items and no beam is spent on them. A row with one candidate is not asked:
+    its renormalised log-prob is 0 whatever the model says (the uniqueness level is mostly
+    such rows), and a level where no row has a choice costs no engine call at all.
+    """
+
+    def __init__(
+        self,
+        engine: Engine,
+        prompts: Sequence[Prompt],
+        trie: SIDTrie,
+        layout: TokenLayout,
+        beam_width: int,
+        exclude: Sequence[Collection[int]] | None = None,
+        stats: SearchStats | None = None,
+    ) -> None:
+        if beam_width < 1:
+            raise ValueError("beam_width must be at least 1")
+        if not prompts:
+            raise ValueError("no prompts")
+        if exclude is not None and len(exclude) != len(prompts):
+            raise ValueError("exclude needs one collection per prompt")
+        self.trie, self.layout, self.beam_width = trie, layout, beam_width
+        self.stats = stats if stats is not None else SearchStats()
+        self.n_prompts = len(prompts)
+        self._blocked = _blocked_keys(trie, exclude or [()] * len(prompts))
+        self.session = engine.open(prompts)
+        self.level = 0
+        self._owner = np.arange(len(prompts))  # prompt index of each live row
+        self._nodes = np.zeros(len(prompts), dtype=np.int64)  # trie node of each live row
+        self._scores = np.zeros(len(prompts), dtype=np.float64)
+        self._paths = np.zeros((len(prompts), 0), dtype=np.int64)  # codes so far, per beam
+        self.asked: list[np.ndarray] = []
+        self._advance()
+
+    @property
+    def done(self) -> bool:
+        return self.level >= self.trie.levels
+
+    def _advance(self) -> None:
+        """Expands the live rows' children; levels where no row has a choice pass at once."""
+        while not self.done:
+            self._cands = _allowed_children(self.trie, self._nodes, self._owner, self._blocked)
+            rows, codes, _ = self._cands
+            if not len(rows):  # every item of every prompt is excluded
+                self._owner = self._owner[:0]
+                self.level = self.trie.levels
+                return
+            bounds = np.searchsorted(rows, np.arange(1, len(self._nodes)))
+            self._tokens = np.split(self.layout.token(self.level, codes), bounds)
+            self.asked = [t if len(t) > 1 else t[:0] for t in self._tokens]
+            if any(len(t) for t in self.asked):
+                return
+            self._finish_level([np.zeros(len(t)) for t in self._tokens], 0.0)
+
+    def tell(self, answers: Sequence[np.ndarray], seconds: float = 0.0) -> None:
+        """The engine's raw log-probs of `asked` (one array per row); `seconds` it took."""
+        n_asked = sum(1 for t in self.asked if len(t))
+        self.stats.engine_calls += 1
+        self.stats.rows_scored.append(n_asked)
+        raw = [
+            a if len(t) > 1 else np.zeros(len(t))
+            for a, t in zip(answers, self._tokens, strict=True)
+        ]
+        self._finish_level(raw, seconds)
+        self._advance()
+
+    def _finish_level(self, raw: Sequence[np.ndarray], seconds: float) -> None:
+        rows, codes, nodes = self._cands
+        score = self._scores[rows] + _log_normalise(np.concatenate(raw), rows)
+        keep = _top_per_owner(self._owner[rows], score, self.beam_width)
+        parents = rows[keep]
+        self._owner, self._nodes, self._scores = self._owner[parents], nodes[keep], score[keep]
+        self._paths = np.concatenate([self._paths[parents], codes[keep, None]], axis=1)
+        self.stats.level_seconds.append(seconds)
+        if self.level + 1 < self.trie.levels:
+            self.session.extend(parents, self.layout.token(self.level, codes[keep]))
+        self.level += 1
+        self.asked = []
+
+    def results(self) -> list[list[Beam]]:
+        """Per prompt, its beams best first (empty when every item was excluded)."""
+        if not self.done:
+            raise RuntimeError("the search has not finished")
+        results: list[list[Beam]] = [[] for _ in range(self.n_prompts)]
+        for o, n, s, p in zip(self._owner, self._nodes, self._scores, self._paths, strict=True):
+            beam = Beam(
+                item=self.trie.item_of(int(n)), sid=tuple(int(c) for c in p), logprob=float(s)
+            )
+            results[o].append(beam)
+        return results
+
+
 def beam_search(
     engine: Engine,
     prompts: Sequence[Prompt],
@@ -105,47 +214,17 @@ def beam_search(
     stats: SearchStats | None = None,
     exclude: Sequence[Collection[int]] | None = None,
 ) -> list[list[Beam]]:
-    """Top-`beam_width` distinct items per prompt, best first, only ever valid Semantic IDs.
-
-    `exclude[i]` (e.g. what user i already consumed) are items prompt i must not return:
-    their branches are cut from the trie for that prompt, so scores renormalise over the
-    remaining items and no beam is spent on them.
-    """
+    """One :class:`BeamSearch` over `prompts`, driven to the end on its own."""
     if beam_width < 1:
         raise ValueError("beam_width must be at least 1")
     if not prompts:
         return []
-    if exclude is not None and len(exclude) != len(prompts):
-        raise ValueError("exclude needs one collection per prompt")
-    blocked = _blocked_keys(trie, exclude or [()] * len(prompts))
-    session = engine.open(prompts)
-    owner = np.arange(len(prompts))  # prompt index of each live row
-    nodes = np.zeros(len(prompts), dtype=np.int64)  # trie node of each live row
-    scores = np.zeros(len(prompts), dtype=np.float64)
-    paths = np.zeros((len(prompts), 0), dtype=np.int64)  # codes so far, one row per beam
-    for level in range(trie.levels):
-        cand_row, cand_code, cand_node = _allowed_children(trie, nodes, owner, blocked)
-        bounds = np.searchsorted(cand_row, np.arange(1, len(nodes)))
-        tokens = np.split(layout.token(level, cand_code), bounds)
+    search = BeamSearch(engine, prompts, trie, layout, beam_width, exclude, stats)
+    while not search.done:
         started = time.perf_counter()
-        raw = _score(session, tokens, stats)
-        if stats is not None:
-            stats.level_seconds.append(time.perf_counter() - started)
-        if not len(cand_row):
-            return [[] for _ in prompts]  # every item of every prompt is excluded
-        cand_score = scores[cand_row] + _log_normalise(np.concatenate(raw), cand_row)
-        keep = _top_per_owner(owner[cand_row], cand_score, beam_width)
-        parents = cand_row[keep]
-        owner, nodes, scores = owner[parents], cand_node[keep], cand_score[keep]
-        paths = np.concatenate([paths[parents], cand_code[keep, None]], axis=1)
-        if level + 1 < trie.levels:
-            session.extend(parents, layout.token(level, cand_code[keep]))
-    results: list[list[Beam]] = [[] for _ in prompts]
-    for o, n, s, p in zip(owner, nodes, scores, paths, strict=True):
-        results[o].append(
-            Beam(item=trie.item_of(int(n)), sid=tuple(int(c) for c in p), logprob=float(s))
-        )
-    return results
+        answers = search.session.logprobs(search.asked)
+        search.tell(answers, time.perf_counter() - started)
+    return search.results()
 
 
 def search_in_chunks(
@@ -165,21 +244,6 @@ def search_in_chunks(
         part = prompts[start : start + chunk]
         results.extend(beam_search(engine, part, trie, layout, beam_width, stats))
     return results
-
-
-def _score(
-    session: Session, tokens: list[np.ndarray], stats: SearchStats | None
-) -> list[np.ndarray]:
-    """Raw log-probs of each row's candidates. A row with one candidate is not scored: its
-    renormalised log-prob is 0 whatever the model says (the uniqueness level is mostly such
-    rows), and a level where no row has a choice costs no engine call at all."""
-    asked = [t if len(t) > 1 else t[:0] for t in tokens]
-    n_asked = sum(1 for t in asked if len(t))
-    answers = session.logprobs(asked) if n_asked else asked
-    if stats is not None and n_asked:
-        stats.engine_calls += 1
-        stats.rows_scored.append(n_asked)
-    return [a if len(t) > 1 else np.zeros(len(t)) for a, t in zip(answers, tokens, strict=True)]
 
 
 def _blocked_keys(trie: SIDTrie, exclude: Sequence[Collection[int]]) -> np.ndarray:

@@ -14,7 +14,14 @@ import numpy as np
 
 from model_store.ann import ItemSearch
 from model_store.bundle import Bundle
-from model_store.generation import Beam, Engine, Prompt, SearchStats, beam_search
+from model_store.generation import (
+    Beam,
+    BeamSearch,
+    Engine,
+    Prompt,
+    SearchStats,
+    beam_search,
+)
 from model_store.prompts import Mode, prompt_ids
 from model_store.reranker import ItemTable, candidate_features, rerank
 from model_store.user_model import retrieval_query
@@ -143,6 +150,19 @@ class Recommender:
         """Top items per prompt; `exclude[i]` (e.g. consumed items) are never generated."""
         return beam_search(
             engine, prompts, self.bundle.trie, self.layout, beam_width, stats, exclude
+        )
+
+    def start_search(
+        self,
+        engine: Engine,
+        prompts: Sequence[Prompt],
+        beam_width: int,
+        exclude: Sequence[Collection[int]],
+        stats: SearchStats,
+    ) -> BeamSearch:
+        """`generate` as a search the caller steps (with others, in one engine step)."""
+        return BeamSearch(
+            engine, prompts, self.bundle.trie, self.layout, beam_width, exclude, stats
         )
 
     def rerank(

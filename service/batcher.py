@@ -1,10 +1,14 @@
-"""The batcher: one thread owns the engine and searches queued requests together.
+"""The batcher: one thread owns the engine and steps every live search together.
 
-Requests that arrive while a search runs wait in the queue; the next search takes all of
-them (up to `max_batch`) as one batched beam search, so concurrent requests share every
-engine call instead of taking turns. A request whose deadline passed while it waited is
-dropped before it costs anything. Each batch's time feeds the admission control
-(`service.admission`), which refuses requests the engine could not serve in time.
+Searches advance level by level (`model_store.generation.BeamSearch`), and each engine step
+scores the rows of every live search at once, whatever level each is at: a request that
+arrives while others are searched joins at the next step instead of waiting for their
+whole search (continuous batching of beam rows across requests). The engine's fixed cost
+per step (vLLM's scheduling, input preparation, forward launch) is then paid once for all
+of them. At most `max_batch` requests are live at once; the rest wait in the queue. A
+request whose deadline passed while it waited is dropped before it costs anything. The
+engine time between finished searches feeds the admission control (`service.admission`),
+which refuses requests the engine could not serve in time.
 """
 
 from __future__ import annotations
@@ -19,15 +23,16 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from model_store.generation import Beam, Engine, Prompt, SearchStats
+from model_store.generation import Beam, BeamSearch, Engine, Prompt, SearchStats
 from service import metrics
 from service.admission import Admission
 
 log = structlog.get_logger(__name__)
 
-Search = Callable[
-    [Engine, Sequence[Prompt], int, SearchStats, Sequence[Collection[int]]], list[list[Beam]]
+StartSearch = Callable[
+    [Engine, Sequence[Prompt], int, Sequence[Collection[int]], SearchStats], BeamSearch
 ]
+"""Starts a search: (engine, prompts, beam width, excluded items per prompt, stats)."""
 
 
 @dataclass(frozen=True)
@@ -52,17 +57,26 @@ class _Job:
     future: Future[Searched] = field(default_factory=Future)
 
 
+@dataclass
+class _Cohort:
+    """Requests that arrived together with one beam width: one search over their prompts."""
+
+    jobs: list[_Job]
+    search: BeamSearch
+    stats: SearchStats
+
+
 class Batcher:
     def __init__(
         self,
         engine: Engine,
-        search: Search,
+        start: StartSearch,
         max_batch: int = 16,
         admission: Admission | None = None,
     ) -> None:
         self.engine = engine
         self.admission = admission or Admission(max_queue=1 << 30)  # no limit on the line
-        self._search = search
+        self._start = start
         self._max_batch = max_batch
         self._queue: queue.Queue[_Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="engine-worker", daemon=True)
@@ -89,58 +103,107 @@ class Batcher:
             raise DeadlineExceeded("engine answered after the deadline") from e
 
     def close(self, timeout: float = 10.0) -> None:
+        """Serves what is live and queued, then stops the worker."""
         self._queue.put(None)
         self._thread.join(timeout)
 
-    def _take_batch(self) -> list[_Job] | None:
-        first = self._queue.get()
-        if first is None:
-            return None
-        batch = [first]
-        while len(batch) < self._max_batch:
+    def _take(self, room: int, wait: bool, live: bool) -> list[_Job] | None:
+        """Up to `room` queued jobs, waiting for the first when `wait`; None once closing
+        with nothing live or taken (the stop mark stays queued until then)."""
+        jobs: list[_Job] = []
+        while len(jobs) < room:
             try:
-                job = self._queue.get_nowait()
+                job = self._queue.get(block=wait and not jobs)
             except queue.Empty:
                 break
             if job is None:
-                self._queue.put(None)  # stop after this batch
+                if not (live or jobs):
+                    return None
+                self._queue.put(None)
                 break
-            batch.append(job)
-        return batch
+            jobs.append(job)
+        return jobs
 
     def _run(self) -> None:
-        while (batch := self._take_batch()) is not None:
-            now = time.monotonic()
-            searched = 0
-            live = []
-            for job in batch:
-                if not job.future.set_running_or_notify_cancel():
-                    continue  # the caller gave up already
-                metrics.QUEUE_SECONDS.observe(now - job.enqueued)
-                if now >= job.deadline:
-                    job.future.set_exception(DeadlineExceeded("deadline passed in the queue"))
-                else:
-                    live.append(job)
-            for width in sorted({j.beam_width for j in live}):
-                searched += self._search_group([j for j in live if j.beam_width == width], width)
-            self.admission.observe(searched, time.monotonic() - now)
+        live: list[_Cohort] = []
+        busy = 0.0  # engine-thread seconds since a search last finished
+        while True:
+            room = self._max_batch - sum(len(c.jobs) for c in live)
+            taken = self._take(room, wait=not live, live=bool(live))
+            if taken is None:
+                return
+            started = time.monotonic()
+            live += self._cohorts(taken, started)
+            if live:
+                live = self._step(live)
+            busy += time.monotonic() - started
+            finished = sum(len(c.jobs) for c in live if c.search.done)
+            if finished:
+                self.admission.observe(finished, busy)
+                busy = 0.0
+                for cohort in live:
+                    if cohort.search.done:
+                        self._resolve(cohort)
+                live = [c for c in live if not c.search.done]
 
-    def _search_group(self, jobs: list[_Job], width: int) -> int:
-        """Searches `jobs` together; how many were searched (none when the engine failed)."""
-        metrics.BATCH_SIZE.observe(len(jobs))
-        stats = SearchStats()
+    def _cohorts(self, jobs: list[_Job], now: float) -> list[_Cohort]:
+        """Starts the searches of newly taken jobs (one per beam width); those already past
+        their deadline, or given up by their caller, are dropped."""
+        ready = []
+        for job in jobs:
+            if not job.future.set_running_or_notify_cancel():
+                continue  # the caller gave up already
+            metrics.QUEUE_SECONDS.observe(now - job.enqueued)
+            if now >= job.deadline:
+                job.future.set_exception(DeadlineExceeded("deadline passed in the queue"))
+            else:
+                ready.append(job)
+        cohorts = []
+        for width in sorted({j.beam_width for j in ready}):
+            group = [j for j in ready if j.beam_width == width]
+            stats = SearchStats()
+            try:
+                prompts = [j.prompt for j in group]
+                search = self._start(self.engine, prompts, width, [j.exclude for j in group], stats)
+            except Exception as e:
+                _fail(group, e)
+                continue
+            cohorts.append(_Cohort(group, search, stats))
+        return cohorts
+
+    def _step(self, live: list[_Cohort]) -> list[_Cohort]:
+        """One engine step for every live search that has rows to score; the cohorts still
+        live after it (none when the engine failed: that fails every one of them)."""
+        asking = [c for c in live if not c.search.done]
+        if not asking:
+            return live
+        metrics.BATCH_SIZE.observe(sum(len(c.jobs) for c in asking))
+        started = time.perf_counter()
         try:
-            prompts = [j.prompt for j in jobs]
-            results = self._search(self.engine, prompts, width, stats, [j.exclude for j in jobs])
-        except Exception as e:  # the engine's failure is every waiting request's failure
-            log.warning("engine search failed", error=repr(e), requests=len(jobs))
-            for job in jobs:
-                job.future.set_exception(e)
-            return 0
-        metrics.BEAM_STEPS.inc(stats.engine_calls)
-        metrics.BEAM_ROWS.inc(sum(stats.rows_scored))
-        for level, seconds in enumerate(stats.level_seconds):
-            metrics.BEAM_LEVEL_SECONDS.labels(str(level)).observe(seconds)
-        for job, beams in zip(jobs, results, strict=True):
-            job.future.set_result(Searched(beams, stats.level_seconds))
-        return len(jobs)
+            asks = [(c.search.session, c.search.asked) for c in asking]
+            answers = self.engine.score_sessions(asks)
+        except Exception as e:  # the engine's failure is every live request's failure
+            log.warning("engine step failed", error=repr(e), requests=len(asking))
+            for cohort in asking:
+                _fail(cohort.jobs, e)
+            return [c for c in live if c.search.done]
+        seconds = time.perf_counter() - started
+        metrics.BEAM_STEPS.inc()
+        for cohort, answer in zip(asking, answers, strict=True):
+            metrics.BEAM_ROWS.inc(sum(1 for a in cohort.search.asked if len(a)))
+            metrics.BEAM_LEVEL_SECONDS.labels(str(cohort.search.level)).observe(seconds)
+            cohort.search.tell(answer, seconds)
+        return live
+
+    @staticmethod
+    def _resolve(cohort: _Cohort) -> None:
+        results = cohort.search.results()
+        for job, beams in zip(cohort.jobs, results, strict=True):
+            if not job.future.done():
+                job.future.set_result(Searched(beams, cohort.stats.level_seconds))
+
+
+def _fail(jobs: Sequence[_Job], error: Exception) -> None:
+    for job in jobs:
+        if not job.future.done():
+            job.future.set_exception(error)

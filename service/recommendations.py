@@ -101,7 +101,7 @@ class Recommendations:
             catalog=catalog,
             core=core,
             users=UserReader(bundle, catalog, store),
-            batcher=Batcher(engine, core.generate, settings.max_batch, admission),
+            batcher=Batcher(engine, core.start_search, settings.max_batch, admission),
             ranker=Ranker(core, catalog),
             rules=Rules(settings.rules),
             facts=ItemFacts(catalog.genres, catalog.creators, markets, min_age),

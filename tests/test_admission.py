@@ -9,9 +9,10 @@ from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from typing import cast
 
+import numpy as np
 import pytest
 
-from model_store.generation import Beam, Engine, Prompt, SearchStats
+from model_store.generation import Beam, BeamSearch, Engine, Prompt, SearchStats
 from service import metrics
 from service.admission import SETTLE_BATCHES, Admission, Overloaded, expected_wait
 from service.api.auth import Forbidden, Guard, RateLimited, Unauthenticated, limits_uri
@@ -115,20 +116,42 @@ def test_admitted_requests_hold_their_place_until_they_leave() -> None:
     assert line.ahead == 0
 
 
-def _sleepy_search(
-    engine: Engine,
-    prompts: Sequence[Prompt],
-    beam_width: int,
-    stats: SearchStats,
-    excludes: Sequence[Collection[int]],
-) -> list[list[Beam]]:
-    time.sleep(0.05)
-    return [[Beam(item=1, sid=(0,), logprob=0.0)] for _ in prompts]
+class _SleepyEngine:
+    """Every step sleeps 50 ms; searches of one level (one step each)."""
+
+    def start(
+        self,
+        engine: Engine,
+        prompts: Sequence[Prompt],
+        beam_width: int,
+        excludes: Sequence[Collection[int]],
+        stats: SearchStats,
+    ) -> BeamSearch:
+        return cast(BeamSearch, _OneLevel(len(prompts)))
+
+    def score_sessions(
+        self, asks: Sequence[tuple[object, Sequence[np.ndarray]]]
+    ) -> list[list[np.ndarray]]:
+        time.sleep(0.05)
+        return [[np.zeros(1) for _ in c] for _, c in asks]
+
+
+class _OneLevel:
+    def __init__(self, n: int) -> None:
+        self.n, self.done, self.session, self.level = n, False, self, 0
+        self.asked = [np.zeros(2, dtype=np.int64) for _ in range(n)]
+
+    def tell(self, answers: object, seconds: float = 0.0) -> None:
+        self.done = True
+
+    def results(self) -> list[list[Beam]]:
+        return [[Beam(item=1, sid=(0,), logprob=0.0)] for _ in range(self.n)]
 
 
 def test_the_engine_worker_measures_its_batches_for_admission() -> None:
     line = Admission(max_queue=100)
-    batcher = Batcher(cast(Engine, object()), _sleepy_search, max_batch=4, admission=line)
+    sleepy = _SleepyEngine()
+    batcher = Batcher(cast(Engine, sleepy), sleepy.start, max_batch=4, admission=line)
     try:
         deadline = time.monotonic() + 10
         futures = [batcher.submit(Prompt((i + 1,)), 5, (), deadline) for i in range(8)]
@@ -136,7 +159,7 @@ def test_the_engine_worker_measures_its_batches_for_admission() -> None:
             f.result(timeout=10)
     finally:
         batcher.close()
-    # the first batch may hold 1..4 requests; each batch sleeps 50 ms
+    # a search finishes after one 50 ms step; a step holds 1..4 requests
     assert 0.05 / 4 * 0.9 <= line.per_request_s <= 0.05 * 1.5
 
 

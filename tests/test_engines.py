@@ -20,7 +20,14 @@ from model_store.engines import open_engine
 from model_store.engines.base import prompt_embeddings
 from model_store.engines.torch_engine import TorchEngine
 from model_store.engines.vllm_engine import VLLMEngine
-from model_store.generation import Prompt, SearchStats, beam_search, search_in_chunks
+from model_store.generation import (
+    Beam,
+    BeamSearch,
+    Prompt,
+    SearchStats,
+    beam_search,
+    search_in_chunks,
+)
 from model_store.trie import SIDTrie
 from model_store.vocab import TokenLayout
 
@@ -230,6 +237,39 @@ def test_vllm_beam_search_matches_torch(torch_engine: TorchEngine, vllm_engine: 
         assert [b.item for b in g] == [b.item for b in e]
         np.testing.assert_allclose([b.logprob for b in g], [b.logprob for b in e], atol=1e-3)
         assert all(trie.is_valid(b.sid) for b in g)
+
+
+def _stepped_together(engine: TorchEngine | VLLMEngine, trie: SIDTrie) -> list[list[Beam]]:
+    """Three searches started one step apart, every step scoring all live ones at once
+    (`score_sessions`, as the gateway's batcher drives them): results per prompt."""
+    prompts = _prompts()
+    groups = [prompts[:2], prompts[2:3], prompts[3:]]
+    live: list[BeamSearch] = []
+    started: list[BeamSearch] = []
+    while groups or live:
+        if groups:
+            search = BeamSearch(engine, groups.pop(0), trie, LAYOUT, 10)
+            live.append(search)
+            started.append(search)
+        asking = [s for s in live if not s.done]
+        answers = engine.score_sessions([(s.session, s.asked) for s in asking])
+        for search, answer in zip(asking, answers, strict=True):
+            search.tell(answer)
+        live = [s for s in live if not s.done]
+    return [beams for s in started for beams in s.results()]
+
+
+@pytest.mark.slow
+def test_searches_at_different_levels_share_steps_exactly(
+    torch_engine: TorchEngine, vllm_engine: VLLMEngine
+) -> None:
+    trie = _trie()
+    expected = beam_search(torch_engine, _prompts(), trie, LAYOUT, 10)
+    for engine in (torch_engine, vllm_engine):
+        got = _stepped_together(engine, trie)
+        for g, e in zip(got, expected, strict=True):
+            assert [b.item for b in g] == [b.item for b in e]
+            np.testing.assert_allclose([b.logprob for b in g], [b.logprob for b in e], atol=1e-3)
 
 
 def test_closed_vllm_engine_fails_loudly() -> None:

@@ -65,6 +65,12 @@ class BaseEngine:
     def open(self, prompts: Sequence[Prompt]) -> Session:
         raise NotImplementedError
 
+    def score_sessions(
+        self, asks: Sequence[tuple[Session, Sequence[np.ndarray]]]
+    ) -> list[list[np.ndarray]]:
+        """Each session's rows in turn; engines with a fixed cost per call batch them."""
+        return [session.logprobs(candidates) for session, candidates in asks]
+
     def warm(self) -> None:
         """Makes the first real search fast; nothing by default."""
 

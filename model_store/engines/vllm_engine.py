@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -23,7 +24,7 @@ from model_store.engines.base import (
     EmbeddingRows,
     load_input_embeddings,
 )
-from model_store.generation import Prompt
+from model_store.generation import Prompt, Session
 
 if TYPE_CHECKING:
     from vllm import LLM, SamplingParams
@@ -101,6 +102,17 @@ class VLLMEngine(EmbeddingEngine):
     def open(self, prompts: Sequence[Prompt]) -> VLLMSession:
         return VLLMSession(self._require_llm(), self.table, self.embed(prompts))
 
+    def score_sessions(
+        self, asks: Sequence[tuple[Session, Sequence[np.ndarray]]]
+    ) -> list[list[np.ndarray]]:
+        """The rows of several searches (of this engine) in one `generate` call."""
+        batches = []
+        for session, candidates in asks:
+            if not isinstance(session, VLLMSession):
+                raise TypeError("a session of another engine")
+            batches.append(session.requests(candidates))
+        return _generate_all(self._require_llm(), batches)
+
     def close(self) -> None:
         """Shuts the engine core down (and its worker processes when multiprocessing)."""
         if self.llm is None:
@@ -167,6 +179,43 @@ def _params_for(candidates: bytes) -> SamplingParams:
     )
 
 
+@dataclass
+class _Requests:
+    """The vLLM requests of one session's rows: a row with more candidates than vLLM's cap
+    of 128 `logprob_token_ids` becomes several requests over the same embeddings."""
+
+    rows: int
+    prompts: list[Any] = field(default_factory=list)
+    params: list[SamplingParams] = field(default_factory=list)
+    pieces: list[tuple[int, np.ndarray]] = field(default_factory=list)  # (row, candidates)
+
+    def answers(self, outputs: Sequence[Any]) -> list[np.ndarray]:
+        parts: list[list[np.ndarray]] = [[] for _ in range(self.rows)]
+        for (r, piece), output in zip(self.pieces, outputs, strict=True):
+            parts[r].append(_candidate_logprobs(output.outputs[0].logprobs, piece))
+        return [np.concatenate(p) if p else np.zeros(0, dtype=np.float32) for p in parts]
+
+
+def _generate_all(llm: LLM, batches: Sequence[_Requests]) -> list[list[np.ndarray]]:
+    """Every batch's requests in one `generate` call (one scheduler pass and one forward per
+    step for all of them), answers split back per batch.
+
+    (A request with `logprobs=-1` cannot share the call: when any request in a batch sets
+    `logprob_token_ids`, vLLM 0.32's sampler returns those for every request.)
+    """
+    prompts = [p for b in batches for p in b.prompts]
+    if not prompts:
+        return [b.answers([]) for b in batches]
+    params = [p for b in batches for p in b.params]
+    with _PROCESS_LOCK:
+        outputs = llm.generate(prompts, params, use_tqdm=False)
+    answers, start = [], 0
+    for b in batches:
+        answers.append(b.answers(outputs[start : start + len(b.prompts)]))
+        start += len(b.prompts)
+    return answers
+
+
 class VLLMSession(EmbeddingRows):
     """A search's rows, each scored as vLLM requests over its prompt embeddings."""
 
@@ -174,34 +223,24 @@ class VLLMSession(EmbeddingRows):
         super().__init__(table, prompts)
         self._llm = llm
 
-    def logprobs(self, candidates: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """One `generate` call for all rows; a row with more candidates than vLLM's cap of 128
-        `logprob_token_ids` becomes several requests over the same embeddings.
-
-        (A request with `logprobs=-1` cannot share the call: when any request in a batch sets
-        `logprob_token_ids`, vLLM 0.32's sampler returns those for every request.)
-        """
+    def requests(self, candidates: Sequence[np.ndarray]) -> _Requests:
         wanted = self._checked(candidates)
         row_embeddings = self._row_embeddings()
-        requests: list[Any] = []
-        params: list[SamplingParams] = []
-        pieces: list[tuple[int, np.ndarray]] = []  # (row, candidate ids) of each request
+        batch = _Requests(len(wanted))
         for r, cands in enumerate(wanted):
             if not len(cands):
                 continue
             embeds = row_embeddings(r)
             for start in range(0, len(cands), MAX_LOGPROB_TOKEN_IDS):
                 piece = cands[start : start + MAX_LOGPROB_TOKEN_IDS]
-                requests.append({"prompt_embeds": embeds})
-                params.append(_sampling_params(piece))
-                pieces.append((r, piece))
-        parts: list[list[np.ndarray]] = [[] for _ in wanted]
-        if requests:
-            with _PROCESS_LOCK:
-                outputs = self._llm.generate(requests, params, use_tqdm=False)
-            for (r, piece), output in zip(pieces, outputs, strict=True):
-                parts[r].append(_candidate_logprobs(output.outputs[0].logprobs, piece))
-        return [np.concatenate(p) if p else np.zeros(0, dtype=np.float32) for p in parts]
+                batch.prompts.append({"prompt_embeds": embeds})
+                batch.params.append(_sampling_params(piece))
+                batch.pieces.append((r, piece))
+        return batch
+
+    def logprobs(self, candidates: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """One `generate` call for all rows."""
+        return _generate_all(self._llm, [self.requests(candidates)])[0]
 
 
 def _candidate_logprobs(logprobs: Any, candidates: np.ndarray) -> np.ndarray:

@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from model_store.columns import mapped
+
 if TYPE_CHECKING:
     import lightgbm as lgb
 
@@ -167,7 +169,7 @@ class Bundle:
     def array(self, name: str) -> np.ndarray:
         """A bundle array mapped read-only: pages are read when touched and shared by every
         process serving the bundle, so no per-item table is copied into the heap."""
-        return np.load(self.dir / name, mmap_mode="r", allow_pickle=False)
+        return mapped(np.load(self.dir / name, mmap_mode="r", allow_pickle=False))
 
     def item_array(self, name: str) -> np.ndarray:
         """A per-item array of `items/` (popularity, year, ...), mapped."""

@@ -225,7 +225,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from vllm.sampling_params import BeamSearchParams
 
     # LLM.beam_search asks for 2 * width log-probs per step, above vLLM's default cap of 20.
-    engine = open_vllm(bundle, args.kv_cache_gib, max_logprobs=max(20, 2 * args.beam))
+    # vLLM's beam search detokenises: this engine keeps a tokenizer the gateway's does not
+    # load (ours then pays its per-request EOS lookup too: the ratio is conservative).
+    engine = open_vllm(
+        bundle, args.kv_cache_gib, max_logprobs=max(20, 2 * args.beam), skip_tokenizer_init=False
+    )
     try:
         llm = engine.llm
         assert llm is not None

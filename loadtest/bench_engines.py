@@ -140,7 +140,10 @@ def _measure(args: argparse.Namespace) -> dict[str, float]:
 
     start = time.perf_counter()
     # LLM.beam_search asks for 2 * width log-probs per step, above the default cap of 20.
-    with VLLMEngine(args.model_dir, max_logprobs=2 * args.beam) as vllm_engine:
+    # vLLM's beam search needs the tokenizer the gateway's engine does without
+    with VLLMEngine(
+        args.model_dir, max_logprobs=2 * args.beam, skip_tokenizer_init=False
+    ) as vllm_engine:
         figures["startup_s"] = time.perf_counter() - start
         figures["threads"] = torch.get_num_threads()
         for name, prompts in cases.items():

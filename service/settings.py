@@ -73,7 +73,9 @@ class Settings(BaseSettings):
         ge=0,
         description="Trim the oldest history items so prompts fill whole KV blocks (0: off).",
     )
-    max_batch: int = Field(16, ge=1, description="Most requests searched in one engine batch.")
+    max_batch: int = Field(
+        16, ge=1, description="Most requests live in the engine's steps at once."
+    )
     deadline_ms: float = Field(
         1000.0, gt=0, description="Per-request budget; past it the engine answer is dropped."
     )

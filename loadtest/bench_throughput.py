@@ -9,7 +9,7 @@ gateway runs that code: `src=DIR` puts DIR first on PYTHONPATH, e.g. a `git work
 older commit) and environment settings:
 
     python -m loadtest.bench_throughput --bundle bundles/ml-100k \\
-        --variant before:src=/tmp/genrec-before --variant after --duration 30
+        --variant before:src=../genrec-before --variant after --duration 30
 
 The last variant's figures are also given as ratios to the first's. The request deadline
 is raised to `--deadline-ms` (10 s) in every variant: a closed loop of 8 on a small machine

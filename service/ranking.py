@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 
 import numpy as np
 
@@ -19,6 +19,9 @@ from model_store.recommend import Recommender, Scored
 from service.rules import Candidate, Taste
 from service.schemas import ServedBy
 from service.users import UserFacts
+
+ENCODED_WORDS = 4096
+"""Distinct texts whose encoder vectors the gateway keeps (1.5 KiB each)."""
 
 INTENT_WEIGHT = 3.0
 """Standardised score added to a candidate with everything the words ask for (a share of it
@@ -38,6 +41,9 @@ class Ranker:
     def __init__(self, core: Recommender, catalog: Catalog) -> None:
         self.core = core
         self.catalog = catalog
+        # The same words come back (a surface's suggestion chips, a popular phrase): each
+        # encoder pass is ~10 ms of the event loop's time, held against the engine's GIL.
+        self._encode = lru_cache(maxsize=ENCODED_WORDS)(self._encode_text)
 
     def warm(self) -> None:
         """Loads the sentence encoder and the genre prototypes now (seconds), not on the
@@ -57,10 +63,16 @@ class Ranker:
         """Encodes the words once; the intent comes from them and their vector."""
         if not text.strip():
             return Words()
+        query = self._encode(text)
+        return Words(text, query, self.intents.read(text, query))
+
+    @staticmethod
+    def _encode_text(text: str) -> np.ndarray:
         from model_store.content import encode
 
         query = np.asarray(encode([text])[0], dtype=np.float32)
-        return Words(text, query, self.intents.read(text, query))
+        query.flags.writeable = False  # shared by every request with these words
+        return query
 
     def similarity(self, query: np.ndarray) -> np.ndarray:
         """Cosine similarity of every item's content vector to the words' vector."""

@@ -156,8 +156,9 @@ class BeamSearch:
         while not self.done:
             self._cands = _allowed_children(self.trie, self._nodes, self._owner, self._blocked)
             rows, codes, _ = self._cands
-            if not len(rows):  # every item of every prompt is excluded
-                self._owner = self._owner[:0]
+            if not len(rows):  # every item of every prompt is excluded: no beams at all
+                self._owner, self._nodes = self._owner[:0], self._nodes[:0]
+                self._scores, self._paths = self._scores[:0], self._paths[:0]
                 self.level = self.trie.levels
                 return
             bounds = np.searchsorted(rows, np.arange(1, len(self._nodes)))

@@ -220,3 +220,12 @@ def test_rows_without_a_choice_cost_no_engine_call() -> None:
     truth = brute_force(codes, layout, by_history, 0)
     for b in results[0]:
         assert b.logprob == pytest.approx(truth[b.item])
+
+
+def test_a_search_with_every_item_excluded_returns_nothing() -> None:
+    codes = np.array([[a, b] for a in range(2) for b in range(3)])
+    got = beam_search(
+        FakeEngine(by_token), [Prompt((0,))], SIDTrie.build(codes), _layout(2), 4,
+        exclude=[set(range(len(codes)))],
+    )  # fmt: skip
+    assert got == [[]]

@@ -158,12 +158,9 @@ class Recommender:
         prompts: Sequence[Prompt],
         beam_width: int,
         exclude: Sequence[Collection[int]],
-        stats: SearchStats,
     ) -> BeamSearch:
         """`generate` as a search the caller steps (with others, in one engine step)."""
-        return BeamSearch(
-            engine, prompts, self.bundle.trie, self.layout, beam_width, exclude, stats
-        )
+        return BeamSearch(engine, prompts, self.bundle.trie, self.layout, beam_width, exclude)
 
     def rerank(
         self, user: np.ndarray | None, history: Sequence[int], beams: Sequence[Beam]

@@ -23,16 +23,14 @@ from dataclasses import dataclass, field
 
 import structlog
 
-from model_store.generation import Beam, BeamSearch, Engine, Prompt, SearchStats
+from model_store.generation import Beam, BeamSearch, Engine, Prompt
 from service import metrics
 from service.admission import Admission
 
 log = structlog.get_logger(__name__)
 
-StartSearch = Callable[
-    [Engine, Sequence[Prompt], int, Sequence[Collection[int]], SearchStats], BeamSearch
-]
-"""Starts a search: (engine, prompts, beam width, excluded items per prompt, stats)."""
+StartSearch = Callable[[Engine, Sequence[Prompt], int, Sequence[Collection[int]]], BeamSearch]
+"""Starts a search: (engine, prompts, beam width, excluded items per prompt)."""
 
 
 @dataclass(frozen=True)
@@ -63,7 +61,6 @@ class _Cohort:
 
     jobs: list[_Job]
     search: BeamSearch
-    stats: SearchStats
 
 
 class Batcher:
@@ -161,14 +158,13 @@ class Batcher:
         cohorts = []
         for width in sorted({j.beam_width for j in ready}):
             group = [j for j in ready if j.beam_width == width]
-            stats = SearchStats()
             try:
                 prompts = [j.prompt for j in group]
-                search = self._start(self.engine, prompts, width, [j.exclude for j in group], stats)
+                search = self._start(self.engine, prompts, width, [j.exclude for j in group])
             except Exception as e:
                 _fail(group, e)
                 continue
-            cohorts.append(_Cohort(group, search, stats))
+            cohorts.append(_Cohort(group, search))
         return cohorts
 
     def _step(self, live: list[_Cohort]) -> list[_Cohort]:
@@ -200,7 +196,7 @@ class Batcher:
         results = cohort.search.results()
         for job, beams in zip(cohort.jobs, results, strict=True):
             if not job.future.done():
-                job.future.set_result(Searched(beams, cohort.stats.level_seconds))
+                job.future.set_result(Searched(beams, cohort.search.stats.level_seconds))
 
 
 def _fail(jobs: Sequence[_Job], error: Exception) -> None:

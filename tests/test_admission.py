@@ -5,20 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Iterator
 from pathlib import Path
 from typing import cast
 
-import numpy as np
 import pytest
 
-from model_store.generation import Beam, BeamSearch, Engine, Prompt, SearchStats
+from model_store.generation import Engine, Prompt
 from service import metrics
 from service.admission import SETTLE_BATCHES, Admission, Overloaded, expected_wait
 from service.api.auth import Forbidden, Guard, RateLimited, Unauthenticated, limits_uri
 from service.batcher import Batcher
 from service.settings import parse_api_keys
 from service.userstore import UserStore
+from tests.fake_engine import FakeEngine
 from tests.servers import RedisServer
 
 
@@ -116,41 +116,9 @@ def test_admitted_requests_hold_their_place_until_they_leave() -> None:
     assert line.ahead == 0
 
 
-class _SleepyEngine:
-    """Every step sleeps 50 ms; searches of one level (one step each)."""
-
-    def start(
-        self,
-        engine: Engine,
-        prompts: Sequence[Prompt],
-        beam_width: int,
-        excludes: Sequence[Collection[int]],
-        stats: SearchStats,
-    ) -> BeamSearch:
-        return cast(BeamSearch, _OneLevel(len(prompts)))
-
-    def score_sessions(
-        self, asks: Sequence[tuple[object, Sequence[np.ndarray]]]
-    ) -> list[list[np.ndarray]]:
-        time.sleep(0.05)
-        return [[np.zeros(1) for _ in c] for _, c in asks]
-
-
-class _OneLevel:
-    def __init__(self, n: int) -> None:
-        self.n, self.done, self.session, self.level = n, False, self, 0
-        self.asked = [np.zeros(2, dtype=np.int64) for _ in range(n)]
-
-    def tell(self, answers: object, seconds: float = 0.0) -> None:
-        self.done = True
-
-    def results(self) -> list[list[Beam]]:
-        return [[Beam(item=1, sid=(0,), logprob=0.0)] for _ in range(self.n)]
-
-
 def test_the_engine_worker_measures_its_batches_for_admission() -> None:
     line = Admission(max_queue=100)
-    sleepy = _SleepyEngine()
+    sleepy = FakeEngine(levels=1, step_seconds=0.05, block_first=False)  # one 50 ms step each
     batcher = Batcher(cast(Engine, sleepy), sleepy.start, max_batch=4, admission=line)
     try:
         deadline = time.monotonic() + 10

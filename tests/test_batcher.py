@@ -1,84 +1,21 @@
 """Unit tests of `service.batcher.Batcher` with a fake engine whose first step blocks, so
-requests queue, and fake two-level searches that record which steps they were part of."""
+requests queue, and fake two-level searches that record which steps they were part of
+(`tests.fake_engine`)."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
 import time
-from collections.abc import Collection, Iterator, Sequence
+from collections.abc import Iterator
 from concurrent.futures import Future
 from typing import cast
 
-import numpy as np
 import pytest
 
-from model_store.generation import Beam, BeamSearch, Engine, Prompt, SearchStats, Session
+from model_store.generation import Beam, Engine, Prompt
 from service.batcher import Batcher, DeadlineExceeded, Searched
-
-WAIT = 5.0  # seconds: only reached when a test is about to fail
-LEVELS = 2
-
-
-class FakeStep:
-    """A two-level search over its prompts: every level asks one row per prompt."""
-
-    def __init__(self, prompts: Sequence[Prompt], stats: SearchStats) -> None:
-        self.tokens = [p.token_ids[0] for p in prompts]
-        self.session = cast(Session, self)
-        self.level = 0
-        self.stats = stats
-
-    @property
-    def done(self) -> bool:
-        return self.level >= LEVELS
-
-    @property
-    def asked(self) -> list[np.ndarray]:
-        return [np.array([1, 2]) for _ in self.tokens]
-
-    def tell(self, answers: Sequence[np.ndarray], seconds: float = 0.0) -> None:
-        self.stats.level_seconds.append(0.5 / (self.level + 1))
-        self.level += 1
-
-    def results(self) -> list[list[Beam]]:
-        return [[Beam(item=t, sid=(0, 1), logprob=-1.0)] for t in self.tokens]
-
-
-class FakeEngine:
-    """Records each search started and each step; the first step blocks until `release`."""
-
-    def __init__(self, error: Exception | None = None) -> None:
-        self.calls: list[tuple[int, list[int]]] = []  # (beam width, first token of each prompt)
-        self.excludes: list[list[Collection[int]]] = []
-        self.steps: list[list[tuple[list[int], int]]] = []  # per step: (tokens, level) per search
-        self.started = threading.Event()
-        self.release = threading.Event()
-        self.error = error
-
-    def start(
-        self,
-        engine: Engine,
-        prompts: Sequence[Prompt],
-        beam_width: int,
-        excludes: Sequence[Collection[int]],
-        stats: SearchStats,
-    ) -> BeamSearch:
-        self.calls.append((beam_width, [p.token_ids[0] for p in prompts]))
-        self.excludes.append(list(excludes))
-        return cast(BeamSearch, FakeStep(prompts, stats))
-
-    def score_sessions(
-        self, asks: Sequence[tuple[Session, Sequence[np.ndarray]]]
-    ) -> list[list[np.ndarray]]:
-        searches = [cast(FakeStep, session) for session, _ in asks]
-        self.steps.append([(s.tokens, s.level) for s in searches])
-        if len(self.steps) == 1:
-            self.started.set()
-            assert self.release.wait(WAIT)
-        if self.error is not None:
-            raise self.error
-        return [[np.zeros(2) for _ in c] for _, c in asks]
+from tests.fake_engine import WAIT, FakeEngine
 
 
 @pytest.fixture

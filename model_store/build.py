@@ -25,6 +25,7 @@ from model_store.bundle import ITEMS_DIR, Bundle, Histories, write_manifest
 from model_store.catalog import facet_codes, single_codes, write_items
 from model_store.config import BuildConfig
 from model_store.data import Dataset
+from model_store.distill import Teacher
 from model_store.projector import Projector, save_projector
 from model_store.prompts import MODES, context_words
 from model_store.recommend import Recommender
@@ -45,7 +46,18 @@ class Plan:
     holdout: np.ndarray | None  # per user: held-out test item (-1: none)
 
 
+HELD_OUT = {
+    "test": "last interaction per user (test); histories end before it",
+    "validation": "second-last interaction per user (validation; the test item is dropped)",
+    "none": "nothing",
+}
+
+
 def plan_split(seqs: list[np.ndarray], holdout: str) -> Plan:
+    """`validation` is `test` one step earlier: each user's test item is dropped before the
+    split, so tuning runs the whole protocol without ever reading the test split."""
+    if holdout == "validation":
+        return plan_split([s[:-1] if len(s) >= 3 else s for s in seqs], "test")
     split = data.leave_one_out(seqs)
     if holdout == "test":
         published = [
@@ -57,7 +69,7 @@ def plan_split(seqs: list[np.ndarray], holdout: str) -> Plan:
         fit = [s[:-1] if len(s) >= 2 else s for s in seqs]
         last = np.array([s[-1] if len(s) >= 2 else -1 for s in seqs], dtype=np.int64)
         return Plan(fit, last, list(seqs), None)
-    raise ValueError(f"--holdout must be 'test' or 'none', not {holdout!r}")
+    raise ValueError(f"--holdout must be one of {sorted(HELD_OUT)}, not {holdout!r}")
 
 
 class Timer:
@@ -230,6 +242,9 @@ def build(
             context=contexts,
             item_sid_ids=vocab.sid_ids(sids.codes),
             item_genres=list(ds.items["genres"]),
+            teacher=Teacher.from_retrieval(
+                user_model.retrieval_vectors(umodel), cfg.user_model.temperature
+            ),
         )
         losses = llm.train_llm(model, projector, vocab, training, cfg.llm, show_progress)
         llm.save_llm(model, vocab, out / "llm", tokenizer)
@@ -261,9 +276,7 @@ def build(
         "preset": preset,
         "dataset_checksum": ds.checksum,
         "holdout": holdout,
-        "held_out": "last interaction per user (test); histories end before it"
-        if holdout == "test"
-        else "nothing",
+        "held_out": HELD_OUT[holdout],
         "n_users": len(seqs),
         "n_items": ds.n_items,
         "config": cfg.to_dict(),

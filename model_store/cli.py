@@ -48,6 +48,7 @@ class Preset(StrEnum):
 
 class Holdout(StrEnum):
     test = "test"
+    validation = "validation"
     none = "none"
 
 
@@ -162,17 +163,26 @@ def build(
     evaluate: Annotated[bool, typer.Option("--eval/--no-eval")] = True,
     max_users: Annotated[int | None, typer.Option(help="Use only the first N users.")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: all cores).")] = None,
+    settings: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Change one preset value, e.g. --set llm.epochs=30."),
+    ] = None,
 ) -> None:
     """Build a serving bundle (and, with a test holdout, evaluate it)."""
     from dataclasses import replace
 
     from model_store import data
-    from model_store.config import PRESETS
+    from model_store.config import PRESETS, override
 
     set_threads(threads)
     cfg = PRESETS[preset.value].with_seed(seed)
     if max_users is not None:
         cfg = replace(cfg, max_users=max_users)
+    try:
+        for assignment in settings or []:
+            cfg = override(cfg, assignment)
+    except ValueError as e:
+        raise fail(str(e)) from e
     try:
         ds = load_named_dataset(dataset)
     except data.DataError as e:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from typing import Any
 
 from model_store.llm import LLMConfig
@@ -25,6 +26,12 @@ class BuildConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, config: Mapping[str, Any]) -> BuildConfig:
+        """The config a manifest stores, back as a BuildConfig (a seed sibling is built from
+        it). A key missing or unknown means another genrec version wrote it: ValueError."""
+        return _from_dict(cls(), config, "")
+
     def with_seed(self, seed: int) -> BuildConfig:
         return replace(
             self,
@@ -46,3 +53,62 @@ PRESETS: dict[str, BuildConfig] = {
         max_users=120,
     ),
 }
+
+
+def override(cfg: BuildConfig, assignment: str) -> BuildConfig:
+    """`cfg` with one `section.field=value` applied (`llm.distill=0.5`, `beam_width=30`),
+    the value read as the field's type: what `genrec build --set` tunes without a preset."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"{assignment!r}: expected KEY=VALUE, e.g. llm.epochs=30")
+    return _set_path(cfg, key.strip().split("."), raw.strip(), key.strip())
+
+
+def _set_path(obj: Any, path: list[str], raw: str, key: str) -> Any:
+    types = {f.name: str(f.type) for f in fields(obj)}
+    known = list(types)
+    if path[0] not in known:
+        raise ValueError(f"unknown setting {key!r} (here: {', '.join(known)})")
+    current = getattr(obj, path[0])
+    if is_dataclass(current):
+        if len(path) == 1:
+            raise ValueError(f"{key!r} is a section: name one of its fields")
+        value = _set_path(current, path[1:], raw, key)
+    elif len(path) > 1:
+        raise ValueError(f"{key!r}: {path[0]} has no fields")
+    else:
+        value = _parse(raw, current, key, optional="None" in types[path[0]])
+    return replace(obj, **{path[0]: value})
+
+
+def _parse(raw: str, current: Any, key: str, optional: bool) -> Any:
+    """`raw` as the type of the field's current value (an optional field also takes none)."""
+    try:
+        if optional and raw.lower() == "none":
+            return None
+        if isinstance(current, bool):
+            return {"true": True, "1": True, "false": False, "0": False}[raw.lower()]
+        if current is None:  # the optional fields are ints (max_users)
+            return int(raw)
+        return type(current)(raw)
+    except (KeyError, ValueError):
+        kind = "bool" if isinstance(current, bool) else type(current).__name__
+        raise ValueError(f"{key}={raw!r}: not a valid {kind}") from None
+
+
+def _from_dict(default: Any, config: Mapping[str, Any], where: str) -> Any:
+    names = {f.name for f in fields(default)}
+    missing, unknown = names - set(config), set(config) - names
+    if missing or unknown:
+        problems = [f"lacks {where}{k}" for k in sorted(missing)]
+        problems += [f"has unknown {where}{k}" for k in sorted(unknown)]
+        raise ValueError(f"the config {', '.join(problems)} (another genrec version built it)")
+    values = {}
+    for name in names:
+        current, value = getattr(default, name), config[name]
+        if is_dataclass(current):
+            value = _from_dict(current, value, f"{where}{name}.")
+        elif isinstance(current, tuple):
+            value = tuple(value)
+        values[name] = value
+    return replace(default, **values)

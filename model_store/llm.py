@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
 
+from model_store.distill import LevelTargets, Teacher
 from model_store.progress import progress_bar
 from model_store.projector import Projector
 from model_store.prompts import prompt_ids
@@ -45,6 +46,7 @@ class LLMConfig:
     p_ask: float = 0.2
     p_less: float = 0.1  # also name a genre absent from the window's later items
     bf16: bool = False  # autocast the forward pass to bfloat16 (fp32 master weights)
+    distill: float = 0.0  # weight of the user model's per-level targets (`distill.py`)
     seed: int = 0
 
 
@@ -110,10 +112,23 @@ class TrainingData:
     context: Sequence[list[str]]  # per-user context words
     item_sid_ids: np.ndarray  # (n_items, L) SID token ids
     item_genres: Sequence[Sequence[str]]
+    teacher: Teacher | None = None  # the user model, for `LLMConfig.distill`
 
     @cached_property
     def all_genres(self) -> set[str]:
         return {g for gs in self.item_genres for g in gs}
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training window: prompt + items as tokens, labels on the items' SID tokens."""
+
+    ids: list[int]
+    labels: list[int]
+    soft: np.ndarray | None  # the user state before the window (None: soft token dropped)
+    head: int  # prompt length: the window's items start here
+    items: np.ndarray  # the window's items
+    states: np.ndarray  # the user state before each of them (the distillation teacher's)
 
 
 def _window_example(
@@ -123,7 +138,7 @@ def _window_example(
     user: int,
     start: int,
     rng: np.random.Generator,
-) -> tuple[list[int], list[int], np.ndarray | None]:
+) -> Example:
     items = data.train[user][start : start + cfg.window]
     keep_soft = start > 0 and rng.random() >= cfg.p_drop_soft
     keep_context = rng.random() >= cfg.p_drop_context
@@ -148,12 +163,13 @@ def _window_example(
     body = data.item_sid_ids[items].reshape(-1).tolist()
     labels = [-100] * len(head) + body
     soft = data.states[user][start] if keep_soft else None
-    return head + body, labels, soft
+    states = data.states[user][start : start + len(items)]
+    return Example(head + body, labels, soft, len(head), items, states)
 
 
 def _epoch_examples(
     vocab: Vocab, data: TrainingData, cfg: LLMConfig, rng: np.random.Generator
-) -> list[tuple[list[int], list[int], np.ndarray | None]]:
+) -> list[Example]:
     examples = []
     for user, seq in enumerate(data.train):
         if len(seq) == 0:
@@ -165,19 +181,38 @@ def _epoch_examples(
 
 
 def _batch_tensors(
-    batch: Sequence[tuple[list[int], list[int], np.ndarray | None]], pad_id: int
+    batch: Sequence[Example], pad_id: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    length = max(len(ids) for ids, _, _ in batch)
+    length = max(len(e.ids) for e in batch)
     ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), length), -100, dtype=torch.long)
     mask = torch.zeros((len(batch), length), dtype=torch.long)
-    for row, (tokens, target, _) in enumerate(batch):
-        ids[row, : len(tokens)] = torch.tensor(tokens)
-        labels[row, : len(target)] = torch.tensor(target)
-        mask[row, : len(tokens)] = 1
-    softs = [s for _, _, s in batch if s is not None]
+    for row, e in enumerate(batch):
+        ids[row, : len(e.ids)] = torch.tensor(e.ids)
+        labels[row, : len(e.labels)] = torch.tensor(e.labels)
+        mask[row, : len(e.ids)] = 1
+    softs = [e.soft for e in batch if e.soft is not None]
     users = torch.from_numpy(np.stack(softs)) if softs else None
     return ids, labels, mask, users
+
+
+def _distill_inputs(
+    batch: Sequence[Example], length: int, levels: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(positions, states, items) for `LevelTargets.loss`: the flat index of the logits
+    that write each level of each window item (the token before it), its state, its id."""
+    positions = [
+        row * length + e.head + j * levels + np.arange(levels) - 1
+        for row, e in enumerate(batch)
+        for j in range(len(e.items))
+    ]
+    states = np.concatenate([e.states for e in batch])
+    items = np.concatenate([e.items for e in batch])
+    return (
+        torch.from_numpy(np.stack(positions).astype(np.int64)),
+        torch.from_numpy(np.asarray(states, dtype=np.float32)),
+        torch.from_numpy(items.astype(np.int64)),
+    )
 
 
 def embed_with_soft(
@@ -214,6 +249,11 @@ def train_llm(
         opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * s / total_steps)))
     )
     user_id, pad_id = vocab.id(USER), vocab.id(PAD)
+    levels = data.item_sid_ids.shape[1]
+    targets = None
+    if cfg.distill > 0 and data.teacher is not None:
+        codes = data.item_sid_ids - np.asarray(vocab.layout.level_offsets)
+        targets = LevelTargets(data.teacher, codes, vocab.layout)
     losses = []
     bar = progress_bar(cfg.epochs, "generative LLM", show_progress)
     model.train()
@@ -228,7 +268,11 @@ def train_llm(
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
                 soft = projector(users) if users is not None else None
                 embeds = embed_with_soft(model, ids, soft, user_id)
-                loss = model(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+                out = model(inputs_embeds=embeds, attention_mask=mask, labels=labels)
+                loss = out.loss
+                if targets is not None:
+                    where = _distill_inputs(batch, ids.shape[1], levels)
+                    loss = loss + cfg.distill * targets.loss(out.logits, *where)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"LLM training diverged (loss {loss.item()}); lower --lr")
             opt.zero_grad()

@@ -51,7 +51,7 @@ Run (CPU, 2 threads; writes logs and checkpoints under --out, not in the reposit
 checkpoint so far is kept and scored; the JSON says so). `--rescore CHECKPOINT` skips
 training and scores a saved checkpoint (same data, same checks). The last line printed is
 a JSON object with the results. `--per-user FILE` also writes each user's history-excluded
-HR/NDCG in genrec's per-user score file (see model_store/evaluate.py), for
+HR/NDCG in genrec's per-user score file (see model_store/scores.py), for
 `genrec eval BUNDLE --peer FILE` (a paired bootstrap of served − SASRec on the same users).
 
 Speed note: importing `recbole.model.sequential_recommender` runs
@@ -75,7 +75,7 @@ import numpy as np
 import torch
 
 CUTOFFS = (10, 30)
-PER_USER_FORMAT = "genrec-per-user/1"  # model_store.evaluate.PER_USER_FORMAT
+PER_USER_FORMAT = "genrec-per-user/1"  # model_store.scores.PER_USER_FORMAT
 DATASET = "ml-100k"
 # RecBole ignores `data_path` for a dataset named "ml-100k" (it always reads the copy in its
 # own dataset_example/), so the pre-sorted copy goes under another name.
@@ -251,7 +251,7 @@ def summarise(ranks: np.ndarray) -> dict[str, float]:
 
 
 def write_per_user(path: str, users: list[str], ranks: np.ndarray, meta: dict) -> None:
-    """genrec's per-user score file (format in model_store/evaluate.py's docstring), so
+    """genrec's per-user score file (format in model_store/scores.py's docstring), so
     `genrec eval --peer PATH` can pair these users with genrec's. Written here by hand:
     genrec is not installed in the peer's environment."""
     doc = {

@@ -6,7 +6,7 @@ way a client would. For every test user of the bundle (those with a held-out ite
 catalog items, drops the user's history (`unseen`, exactly as the protocol does; the
 gateway already never repeats a consumed item) and scores the held-out item: HR@10,
 NDCG@10, HR@30 and NDCG@30 per user. It writes the per-user score file (format in the
-`model_store.evaluate` docstring; the row is named `served`, so the file is a valid
+`model_store.scores` docstring; the row is named `served`, so the file is a valid
 `genrec eval --peer` input) and prints the four metrics next to the bundle's `served` row
 from eval.json, their difference and whether it is within `--tolerance`. With `--peer` it
 also prints the paired bootstrap interval of `API − peer` on the users both scored.
@@ -41,18 +41,16 @@ from loadtest.load import (
     rest_body,
 )
 from model_store.bundle import Bundle, BundleError, load_bundle
-from model_store.evaluate import (
+from model_store.eval_report import compare, served_figures
+from model_store.evaluate import TOP_K, held_out
+from model_store.recommend import unseen
+from model_store.scores import (
     METRICS,
-    TOP_K,
     PerUserScores,
-    compare,
-    held_out,
     per_user_metrics,
     read_per_user,
-    served_figures,
     write_per_user,
 )
-from model_store.recommend import unseen
 
 RETRIES = 3
 

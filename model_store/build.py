@@ -289,7 +289,8 @@ def build(
     if run_eval and plan.holdout is not None:
         with timer.stage("evaluation"):
             from model_store.engines.torch_engine import TorchEngine
-            from model_store.evaluate import evaluate, write_bundle_report
+            from model_store.eval_report import write_bundle_report
+            from model_store.evaluate import evaluate
 
             bundle = Bundle(out)
             evaluation = evaluate(

@@ -202,7 +202,7 @@ def build(
         f"bundle {manifest['bundle_version']} in {time.perf_counter() - start:.0f} s → {out}"
     )
     if "evaluation" in manifest:
-        from model_store.evaluate import lift_table
+        from model_store.eval_report import lift_table
 
         typer.echo(lift_table(manifest["evaluation"]))
 
@@ -321,13 +321,9 @@ def eval_command(
     std over seeds, peer intervals; eval.json, eval.md, eval.png, per_user.json."""
     set_threads(threads)
     from model_store.bundle import load_bundle
-    from model_store.evaluate import (
-        config_seed,
-        read_per_user,
-        report_markdown,
-        seed_report,
-        write_report,
-    )
+    from model_store.eval_report import report_markdown, seed_report, write_report
+    from model_store.evaluate import config_seed
+    from model_store.scores import read_per_user
 
     options = EvalOptions(engine, beam_width, max_users)
     start = time.perf_counter()

@@ -18,16 +18,13 @@ from loadtest.score_api import pause_s, score_api
 from model_store import metrics
 from model_store.bundle import load_bundle
 from model_store.cli import app
-from model_store.evaluate import (
+from model_store.eval_report import compare
+from model_store.evaluate import ROWS, check_sibling, held_out, stored_evaluation
+from model_store.scores import (
     METRICS,
-    ROWS,
     PerUserScores,
-    check_sibling,
-    compare,
-    held_out,
     per_user_metrics,
     read_per_user,
-    stored_evaluation,
     write_per_user,
 )
 from model_store.stats import aggregate, format_spread, mean_std, paired_bootstrap

@@ -1,0 +1,125 @@
+"""What does the generator read from the soft token? A bundle's LLM against its user model.
+
+For every held-out user, the LLM's distribution over the first SID level is compared with
+the user model's (the teacher: its next-item probabilities summed per first-level code),
+for three prompts that differ only in the soft token: the user's own, another user's
+(shuffled), and none (the `baseline` prompt: the last item alone). If the soft token
+carries the user, the LLM agrees with the user model far more with the user's own token
+than with another's. Run it on a `--holdout validation` bundle while tuning:
+
+    python -m loadtest.bench_soft_token --bundle /tmp/val/d0 --bundle /tmp/val/d1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from model_store.bundle import Bundle, load_bundle
+from model_store.engines.torch_engine import TorchEngine
+from model_store.evaluate import held_out
+from model_store.prompts import MODES
+from model_store.recommend import Recommender
+
+TOP_CODES = 3
+
+
+def teacher_level0(rec: Recommender, users: np.ndarray) -> np.ndarray:
+    """(n, codes): the user model's next-item probabilities summed per first-level code."""
+    retrieval = rec.bundle.retrieval_vectors
+    queries = np.concatenate([users, np.full((len(users), 1), rec.temperature)], axis=1)
+    logits = queries @ retrieval.T / rec.temperature
+    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs /= probs.sum(axis=1, keepdims=True)
+    codes = rec.bundle.sid_codes[:, 0]
+    out = np.zeros((len(users), int(codes.max()) + 1))
+    for code in range(out.shape[1]):
+        out[:, code] = probs[:, codes == code].sum(axis=1)
+    return out
+
+
+def llm_level0(
+    rec: Recommender, engine: TorchEngine, histories: list[list[int]], users: np.ndarray | None
+) -> np.ndarray:
+    """(n, codes): the LLM's first-level distribution after the last item, with `users`
+    as soft tokens (None: no soft token)."""
+    mode = MODES["soft"] if users is not None else MODES["baseline"]
+    n_codes = int(rec.bundle.sid_codes[:, 0].max()) + 1
+    tokens = rec.layout.token(0, np.arange(n_codes))
+    out = []
+    for start in range(0, len(histories), 256):
+        part = histories[start : start + 256]
+        vectors = users[start : start + 256] if users is not None else [None] * len(part)
+        prompts = [rec.prompt(mode, h, v, None) for h, v in zip(part, vectors, strict=True)]
+        raw = np.stack(engine.open(prompts).logprobs([tokens] * len(prompts)))
+        p = np.exp(raw - raw.max(axis=1, keepdims=True))
+        out.append(p / p.sum(axis=1, keepdims=True))
+    return np.concatenate(out)
+
+
+def agreement(teacher: np.ndarray, llm: np.ndarray) -> dict[str, float]:
+    """KL(teacher ‖ LLM), top-code agreement, and the LLM's mass on the teacher's top codes."""
+    eps = 1e-12
+    kl = (teacher * (np.log(teacher + eps) - np.log(llm + eps))).sum(axis=1)
+    top = np.argsort(-teacher, axis=1)[:, :TOP_CODES]
+    return {
+        "kl": float(kl.mean()),
+        "top1_agree": float((teacher.argmax(1) == llm.argmax(1)).mean()),
+        f"mass_on_teacher_top{TOP_CODES}": float(np.take_along_axis(llm, top, 1).sum(1).mean()),
+    }
+
+
+def measure(bundle: Bundle, seed: int) -> dict[str, Any]:
+    rec = Recommender(bundle, with_reranker=False)
+    engine = TorchEngine.from_dir(bundle.llm_dir)
+    held = held_out(bundle)
+    users = np.asarray(bundle.user_embeddings[held.users], dtype=np.float32)
+    shuffled = users[np.random.default_rng(seed).permutation(len(users))]
+    teacher = teacher_level0(rec, users)
+    rows = {
+        "own soft token": llm_level0(rec, engine, held.histories, users),
+        "another user's": llm_level0(rec, engine, held.histories, shuffled),
+        "none": llm_level0(rec, engine, held.histories, None),
+    }
+    top = np.argsort(-teacher, axis=1)[:, :TOP_CODES]
+    return {
+        "bundle": str(bundle.dir),
+        "users": len(users),
+        "teacher_mass_on_its_top3": float(np.take_along_axis(teacher, top, 1).sum(1).mean()),
+        "rows": {name: agreement(teacher, p) for name, p in rows.items()},
+    }
+
+
+def report(results: list[dict[str, Any]]) -> None:
+    head = "| bundle | soft token | KL(teacher ‖ LLM) | top-1 code agrees | LLM mass on"
+    print(f"{head} teacher's top {TOP_CODES} |")
+    print("|---|---|---|---|---|")
+    for r in results:
+        for name, row in r["rows"].items():
+            print(
+                f"| {Path(r['bundle']).name} | {name} | {row['kl']:.3f} | "
+                f"{row['top1_agree']:.3f} | {row[f'mass_on_teacher_top{TOP_CODES}']:.3f} |"
+            )
+    for r in results:
+        own = r["teacher_mass_on_its_top3"]
+        print(f"{r['bundle']}: the teacher's own mass on its top {TOP_CODES}: {own:.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--bundle", type=Path, action="append", required=True)
+    parser.add_argument("--seed", type=int, default=0, help="Shuffle of the other users.")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    results = [measure(load_bundle(b), args.seed) for b in args.bundle]
+    report(results)
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from model_store.data import fetch_ml100k
+from tests.build_threads import build_threads
 
 
 @pytest.fixture(scope="session")
@@ -24,5 +25,6 @@ def tiny_bundle(ml100k_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
     out = tmp_path_factory.mktemp("bundle") / "tiny"
     ds = load_dataset(ml100k_dir, "ml-100k")
-    build(ds, out, PRESETS["tiny"], show_progress=False, cache_dir=default_cache_dir())
+    with build_threads():
+        build(ds, out, PRESETS["tiny"], show_progress=False, cache_dir=default_cache_dir())
     return out

@@ -18,6 +18,7 @@ from model_store.engines.torch_engine import TorchEngine
 from model_store.evaluate import ROWS
 from model_store.prompts import MODES
 from model_store.recommend import Recommender
+from tests.build_threads import build_threads
 
 pytestmark = pytest.mark.slow
 
@@ -101,13 +102,14 @@ def test_build_is_deterministic_for_a_seed(tiny_bundle: Path, ml100k_dir: Path, 
     from model_store.build import build
     from model_store.data import default_cache_dir
 
-    again = build(
-        load_dataset(ml100k_dir, "ml-100k"),
-        tmp_path / "again",
-        PRESETS["tiny"],
-        show_progress=False,
-        cache_dir=default_cache_dir(),
-    )
+    with build_threads():  # as the fixture's build, whatever earlier tests set
+        again = build(
+            load_dataset(ml100k_dir, "ml-100k"),
+            tmp_path / "again",
+            PRESETS["tiny"],
+            show_progress=False,
+            cache_dir=default_cache_dir(),
+        )
     first = verify(tiny_bundle)
     assert again["files"] == first["files"]
     assert again["bundle_version"] == first["bundle_version"]

@@ -6,10 +6,12 @@ variant: a closed loop of 1 caller, then of 8 (after a warm-up each), and their 
 the share of answers per served path (`generative`, `prompt-only`, `ann`): a faster
 fallback is not throughput. A variant is a name, then optionally a source checkout (the
 gateway runs that code: `src=DIR` puts DIR first on PYTHONPATH, e.g. a `git worktree` of an
-older commit) and environment settings:
+older commit), how many gateway processes serve it (`gateways=N`: N gateways, each with
+its own in-process engine, the load spread over them in turn as a Service spreads it over
+pods) and environment settings:
 
     python -m loadtest.bench_throughput --bundle bundles/ml-100k \\
-        --variant before:src=../genrec-before --variant after --duration 30
+        --variant before:src=../genrec-before --variant after --variant two:gateways=2
 
 The last variant's figures are also given as ratios to the first's. The request deadline
 is raised to `--deadline-ms` (10 s) in every variant: a closed loop of 8 on a small machine
@@ -35,7 +37,7 @@ import httpx
 
 from loadtest.bench_beam_vs_vllm import bench_parser, machine_info, machine_line, run_bench
 from loadtest.bench_redis import RedisServer
-from loadtest.load import run_load
+from loadtest.load import RestClient, SpreadClient, run_load
 
 CONCURRENCY = (1, 8)
 
@@ -47,23 +49,28 @@ class Variant:
     name: str
     source: Path | None = None
     env: dict[str, str] = field(default_factory=dict)
+    gateways: int = 1
 
 
 def parse_variant(text: str) -> Variant:
-    """`NAME[:src=DIR][,KEY=VALUE...]` (items after the colon, comma-separated)."""
+    """`NAME[:src=DIR][,gateways=N][,KEY=VALUE...]` (items after the colon, comma-separated)."""
     name, _, rest = text.partition(":")
     if not name:
         raise argparse.ArgumentTypeError(f"variant {text!r} has no name")
-    source, env = None, {}
+    source, env, gateways = None, {}, 1
     for item in filter(None, rest.split(",")):
         key, sep, value = item.partition("=")
         if not sep:
             raise argparse.ArgumentTypeError(f"variant item {item!r} is not KEY=VALUE")
         if key == "src":
             source = Path(value).resolve()
+        elif key == "gateways":
+            gateways = int(value) if value.isdigit() and int(value) > 0 else 0
+            if not gateways:
+                raise argparse.ArgumentTypeError(f"gateways={value!r}: not a positive count")
         else:
             env[key] = value
-    return Variant(name, source, env)
+    return Variant(name, source, env, gateways)
 
 
 def _free_port() -> int:
@@ -135,15 +142,20 @@ def served_shares(report: dict[str, Any]) -> dict[str, float]:
     return {path: round(n / ok, 4) for path, n in sorted(report["served_by"].items())}
 
 
-def measure(gateway: Gateway, args: argparse.Namespace, concurrency: int) -> dict[str, Any]:
+def measure(gateways: list[Gateway], args: argparse.Namespace, concurrency: int) -> dict[str, Any]:
+    """One closed loop over the gateways (the engine figures are the first gateway's)."""
+    spread = None
+    if len(gateways) > 1:
+        spread = SpreadClient([RestClient(g.base, 10, 10.0, concurrency) for g in gateways])
     report = run_load(
-        gateway.base,
+        gateways[0].base,
         concurrency=concurrency,
         duration_s=args.duration,
         warmup_s=args.warmup,
         bundle=args.bundle,
         seed=args.seed,
-        metrics_url=gateway.base + "/metrics",
+        metrics_url=gateways[0].base + "/metrics",
+        client=spread,
     )
     server = report.get("server") or {}
     return {
@@ -158,16 +170,25 @@ def measure(gateway: Gateway, args: argparse.Namespace, concurrency: int) -> dic
 
 
 def run_variant(variant: Variant, args: argparse.Namespace, redis_url: str) -> dict[str, Any]:
-    log = Path(tempfile.mkdtemp(prefix=f"genrec-{variant.name}-")) / "serve.log"
-    print(f"{variant.name}: starting the gateway (log {log})", flush=True)
-    gateway = Gateway(variant, args.bundle, redis_url, log, args.deadline_ms)
+    logs = Path(tempfile.mkdtemp(prefix=f"genrec-{variant.name}-"))
+    print(f"{variant.name}: starting {variant.gateways} gateway(s) (logs {logs})", flush=True)
+    gateways: list[Gateway] = []
     try:
-        runs = {f"c{c}": measure(gateway, args, c) for c in CONCURRENCY}
+        for n in range(variant.gateways):
+            log = logs / f"serve-{n}.log"
+            gateways.append(Gateway(variant, args.bundle, redis_url, log, args.deadline_ms))
+        runs = {f"c{c}": measure(gateways, args, c) for c in CONCURRENCY}
     finally:
-        gateway.close()
+        for gateway in gateways:
+            gateway.close()
     c1, c8 = runs["c1"]["ok_rps"], runs["c8"]["ok_rps"]
     return {
-        "variant": {"name": variant.name, "source": str(variant.source or ""), "env": variant.env},
+        "variant": {
+            "name": variant.name,
+            "source": str(variant.source or ""),
+            "env": variant.env,
+            "gateways": variant.gateways,
+        },
         **runs,
         "c8_over_c1": round(c8 / c1, 3) if c1 else None,
     }

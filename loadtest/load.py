@@ -22,6 +22,7 @@ From Python (e.g. a benchmark comparing concurrency 1 and 8 in one process):
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import math
 import random
@@ -282,6 +283,28 @@ class RestClient:
 
     async def aclose(self) -> None:
         await self.client.aclose()
+
+
+class SpreadClient:
+    """Several gateways as one target, each request to the next in turn: what a Service in
+    front of several gateway pods does, for a load test on one machine."""
+
+    def __init__(self, clients: Sequence[Client]) -> None:
+        if not clients:
+            raise LoadError("no gateways to spread the load over")
+        self.clients = list(clients)
+        self._turn = itertools.cycle(self.clients)
+
+    async def __call__(self, spec: RequestSpec) -> Outcome:
+        return await next(self._turn)(spec)
+
+    async def ready(self) -> None:
+        for client in self.clients:
+            await client.ready()
+
+    async def aclose(self) -> None:
+        for client in self.clients:
+            await client.aclose()
 
 
 class GrpcClient:

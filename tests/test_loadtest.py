@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from loadtest.bench_throughput import parse_variant
 from loadtest.load import (
     KINDS,
     LoadError,
@@ -17,6 +19,7 @@ from loadtest.load import (
     Outcome,
     Record,
     RequestSpec,
+    SpreadClient,
     UserMix,
     closed_loop,
     open_loop,
@@ -360,6 +363,26 @@ def test_closed_loop_respects_concurrency_and_max_requests() -> None:
     assert client.peak == 3
     assert elapsed < 5.0
     assert all(r.latency_ms == r.service_ms and r.latency_ms >= 2.0 for r in records)
+
+
+def test_a_spread_client_sends_to_each_gateway_in_turn() -> None:
+    gateways = [FakeClient(), FakeClient(), FakeClient()]
+    mix = UserMix(Mix().shares(), USERS, URIS, 0)
+    spread = SpreadClient(gateways)
+    records, _ = asyncio.run(closed_loop(spread, mix, 4, 5.0, max_requests=30))
+    assert len(records) == 30 and [g.calls for g in gateways] == [10, 10, 10]
+    asyncio.run(spread.aclose())
+    assert all(g.closed for g in gateways)
+
+
+def test_a_variant_names_its_code_gateways_and_settings(tmp_path: Path) -> None:
+    v = parse_variant(f"two:src={tmp_path},gateways=2,GENREC_MAX_BATCH=8")
+    assert (v.name, v.source, v.gateways) == ("two", tmp_path, 2)
+    assert v.env == {"GENREC_MAX_BATCH": "8"}
+    assert parse_variant("plain").gateways == 1
+    for bad in ("x:gateways=0", "x:gateways=two", "x:KEY", ":src=."):
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_variant(bad)
 
 
 def test_open_loop_sends_on_schedule_and_counts_from_it() -> None:

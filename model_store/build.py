@@ -213,6 +213,7 @@ def build(
     with timer.stage("user_model"):
         umodel = user_model.train_user_model(plan.fit, ds.n_items, cfg.user_model, show_progress)
         collab = user_model.item_vectors(umodel)
+        retrieval = user_model.retrieval_vectors(umodel)
     with timer.stage("semantic_ids"):
         sids = semantic_ids.assign_semantic_ids(_fused_vectors(content_vecs, collab, cfg), cfg.sid)
         purity = semantic_ids.purity_report(sids.codes, list(ds.items["genres"]))
@@ -242,9 +243,7 @@ def build(
             context=contexts,
             item_sid_ids=vocab.sid_ids(sids.codes),
             item_genres=list(ds.items["genres"]),
-            teacher=Teacher.from_retrieval(
-                user_model.retrieval_vectors(umodel), cfg.user_model.temperature
-            ),
+            teacher=Teacher(retrieval, cfg.user_model.temperature),
         )
         losses = llm.train_llm(model, projector, vocab, training, cfg.llm, show_progress)
         llm.save_llm(model, vocab, out / "llm", tokenizer)
@@ -258,7 +257,7 @@ def build(
         np.save(out / "sid_codes.npy", sids.codes)
         np.save(out / "sid_codebooks.npy", sids.codebooks)
         trie.save(out / "sid_trie.npz")
-        write_vectors(out, collab, user_model.retrieval_vectors(umodel), content_vecs, cfg.seed)
+        write_vectors(out, collab, retrieval, content_vecs, cfg.seed)
         user_model.save_user_model(umodel, out)
         np.save(out / "user_embeddings.npy", user_model.user_states(umodel, plan.published))
         published = Histories.from_lists(plan.published)

@@ -66,9 +66,8 @@ def override(cfg: BuildConfig, assignment: str) -> BuildConfig:
 
 def _set_path(obj: Any, path: list[str], raw: str, key: str) -> Any:
     types = {f.name: str(f.type) for f in fields(obj)}
-    known = list(types)
-    if path[0] not in known:
-        raise ValueError(f"unknown setting {key!r} (here: {', '.join(known)})")
+    if path[0] not in types:
+        raise ValueError(f"unknown setting {key!r} (here: {', '.join(types)})")
     current = getattr(obj, path[0])
     if is_dataclass(current):
         if len(path) == 1:

@@ -23,16 +23,18 @@ from model_store.vocab import TokenLayout
 
 @dataclass(frozen=True)
 class Teacher:
-    """The user model's scorer: logits = state · vectors / temperature + bias."""
+    """The user model's next-item scorer, from the vectors the bundle exports: `retrieval`
+    rows are [item vector, bias × temperature] (`user_model.retrieval_vectors`), and the
+    training logits are state · vector / temperature + bias."""
 
-    vectors: np.ndarray  # (n_items, dim) unit item vectors
-    bias: np.ndarray  # (n_items,) the item prior
+    retrieval: np.ndarray  # (n_items, dim + 1)
     temperature: float
 
-    @classmethod
-    def from_retrieval(cls, retrieval: np.ndarray, temperature: float) -> Teacher:
-        """From `user_model.retrieval_vectors`: [item vector, bias × temperature] rows."""
-        return cls(retrieval[:, :-1], retrieval[:, -1] / temperature, temperature)
+    def probs(self, states: torch.Tensor) -> torch.Tensor:
+        """(n, n_items) next-item probabilities after each state."""
+        retrieval = torch.from_numpy(np.asarray(self.retrieval, dtype=np.float32))
+        logits = (states @ retrieval[:, :-1].T + retrieval[:, -1]) / self.temperature
+        return torch.softmax(logits, dim=-1)
 
 
 class LevelTargets:
@@ -41,9 +43,7 @@ class LevelTargets:
 
     def __init__(self, teacher: Teacher, codes: np.ndarray, layout: TokenLayout) -> None:
         self.levels = codes.shape[1]
-        self.vectors = torch.from_numpy(np.asarray(teacher.vectors, dtype=np.float32))
-        self.bias = torch.from_numpy(np.asarray(teacher.bias, dtype=np.float32))
-        self.temperature = teacher.temperature
+        self.teacher = teacher
         sizes = codes.max(axis=0) + 1
         self.offsets = [int(o) for o in layout.level_offsets]
         self.sizes = [int(s) for s in sizes]
@@ -57,11 +57,20 @@ class LevelTargets:
             self.members.append(torch.from_numpy(member))
             keys = keys * int(sizes[level]) + codes[:, level]
 
+    @classmethod
+    def from_sid_ids(
+        cls, teacher: Teacher, item_sid_ids: np.ndarray, layout: TokenLayout
+    ) -> LevelTargets:
+        """From the (n_items, L) SID token table, as the LLM's training data holds it."""
+        codes = [
+            layout.code(level, item_sid_ids[:, level]) for level in range(item_sid_ids.shape[1])
+        ]
+        return cls(teacher, np.stack(codes, axis=1), layout)
+
     @torch.no_grad()
     def targets(self, states: torch.Tensor, items: torch.Tensor) -> list[torch.Tensor]:
         """Per level, (n, size) code distributions for next items `items` after `states`."""
-        logits = states @ self.vectors.T / self.temperature + self.bias
-        probs = torch.softmax(logits, dim=-1)
+        probs = self.teacher.probs(states)
         out = []
         for level in range(self.levels):
             same = self.prefix[level][None, :] == self.prefix[level][items][:, None]

@@ -253,8 +253,7 @@ def train_llm(
     levels = data.item_sid_ids.shape[1]
     targets = None
     if cfg.distill > 0 and data.teacher is not None:
-        codes = data.item_sid_ids - np.asarray(vocab.layout.level_offsets)
-        targets = LevelTargets(data.teacher, codes, vocab.layout)
+        targets = LevelTargets.from_sid_ids(data.teacher, data.item_sid_ids, vocab.layout)
     losses = []
     bar = progress_bar(cfg.epochs, "generative LLM", show_progress)
     model.train()

@@ -16,11 +16,20 @@ from model_store.vocab import Vocab
 CODES = np.array([[0, 0], [0, 1], [0, 2], [1, 0], [1, 1]])
 
 
-def _teacher(seed: int = 0) -> Teacher:
+TEMPERATURE = 0.5
+
+
+def _scorer(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Unit item vectors and an item prior: logits = state · vectors / T + bias."""
     rng = np.random.default_rng(seed)
     vectors = rng.normal(size=(len(CODES), 4))
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    return Teacher(vectors, rng.normal(size=len(CODES)), temperature=0.5)
+    return vectors, rng.normal(size=len(CODES))
+
+
+def _teacher(seed: int = 0) -> Teacher:
+    vectors, bias = _scorer(seed)
+    return Teacher(np.concatenate([vectors, bias[:, None] * TEMPERATURE], axis=1), TEMPERATURE)
 
 
 def _vocab() -> Vocab:
@@ -28,10 +37,10 @@ def _vocab() -> Vocab:
 
 
 def test_the_targets_are_the_teachers_distribution_given_the_true_prefix() -> None:
-    teacher = _teacher()
-    targets = LevelTargets(teacher, CODES, _vocab().layout)
+    targets = LevelTargets(_teacher(), CODES, _vocab().layout)
+    vectors, bias = _scorer()
     state = np.random.default_rng(1).normal(size=4)
-    logits = state @ teacher.vectors.T / teacher.temperature + teacher.bias
+    logits = state @ vectors.T / TEMPERATURE + bias
     p = np.exp(logits - logits.max())
     p /= p.sum()
     level0, level1 = targets.targets(

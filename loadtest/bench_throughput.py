@@ -37,7 +37,7 @@ import httpx
 
 from loadtest.bench_beam_vs_vllm import bench_parser, machine_info, machine_line, run_bench
 from loadtest.bench_redis import RedisServer
-from loadtest.load import RestClient, SpreadClient, run_load
+from loadtest.load import run_load
 
 CONCURRENCY = (1, 8)
 
@@ -65,9 +65,9 @@ def parse_variant(text: str) -> Variant:
         if key == "src":
             source = Path(value).resolve()
         elif key == "gateways":
-            gateways = int(value) if value.isdigit() and int(value) > 0 else 0
-            if not gateways:
+            if not value.isdigit() or int(value) < 1:
                 raise argparse.ArgumentTypeError(f"gateways={value!r}: not a positive count")
+            gateways = int(value)
         else:
             env[key] = value
     return Variant(name, source, env, gateways)
@@ -144,9 +144,6 @@ def served_shares(report: dict[str, Any]) -> dict[str, float]:
 
 def measure(gateways: list[Gateway], args: argparse.Namespace, concurrency: int) -> dict[str, Any]:
     """One closed loop over the gateways (the engine figures are the first gateway's)."""
-    spread = None
-    if len(gateways) > 1:
-        spread = SpreadClient([RestClient(g.base, 10, 10.0, concurrency) for g in gateways])
     report = run_load(
         gateways[0].base,
         concurrency=concurrency,
@@ -155,7 +152,7 @@ def measure(gateways: list[Gateway], args: argparse.Namespace, concurrency: int)
         bundle=args.bundle,
         seed=args.seed,
         metrics_url=gateways[0].base + "/metrics",
-        client=spread,
+        spread_over=[g.base for g in gateways[1:]],
     )
     server = report.get("server") or {}
     return {

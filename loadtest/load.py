@@ -746,14 +746,19 @@ async def run_load_async(
     out_dir: Path | None = None,
     client: Client | None = None,
     api_key: str | None = None,
+    spread_over: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """One load run; see `run_load`. `client` replaces the transport (for tests)."""
+    """One load run; see `run_load`. `client` replaces the transport (for tests);
+    `spread_over` are more gateways that share the load with `target`, a request each in
+    turn (`SpreadClient`)."""
     protocol = Transport(protocol)
     if (concurrency is None) == (rate is None):
         raise LoadError("give exactly one of concurrency (closed loop) or rate (open loop)")
     if duration_s <= 0 and max_requests is None:
         raise LoadError("duration must be > 0")
-    require_loopback(target, protocol)
+    targets = [target, *spread_over]
+    for each in targets:
+        require_loopback(each, protocol)
     if metrics_url:
         require_loopback(metrics_url, Transport.rest)
     if bundle is not None and (users is None or uris is None):
@@ -764,10 +769,13 @@ async def run_load_async(
 
     if client is None:
         in_flight = concurrency or max(64, math.ceil((rate or 1.0) * timeout_s))
-        if protocol == Transport.rest:
-            client = RestClient(target, k, timeout_s, in_flight, api_key)
-        else:
-            client = GrpcClient(target, k, timeout_s, api_key)
+        clients: list[Client] = [
+            RestClient(each, k, timeout_s, in_flight, api_key)
+            if protocol == Transport.rest
+            else GrpcClient(each, k, timeout_s, api_key)
+            for each in targets
+        ]
+        client = clients[0] if len(clients) == 1 else SpreadClient(clients)
     duration = duration_s if duration_s > 0 else math.inf
 
     async def phase(seconds: float, limit: int | None) -> tuple[list[Record], float]:
@@ -802,6 +810,7 @@ async def run_load_async(
     report: dict[str, Any] = {
         "config": {
             "target": target,
+            "spread_over": list(spread_over),
             "protocol": protocol.value,
             "concurrency": concurrency,
             "rate": rate,

@@ -215,7 +215,7 @@ def requests(parts: dict[str, Any], n_queries: int = 20, seed: int = 1) -> float
         _ = (catalog.titles[i], catalog.genres[i], catalog.creators[i], catalog.sids[i])
     users = synthetic.clustered_vectors(rng.integers(0, CLUSTERS, n_queries), DIM, seed=7)
     for u in users:
-        q = retrieval_query(u, TEMPERATURE)
+        q = retrieval_query(u)
         if "search" in parts:
             items, _ = parts["search"].search(q, 50)
         else:
@@ -296,7 +296,7 @@ def recall(directory: Path, queries: int, seed: int = 3) -> dict[str, Any]:
     users = synthetic.clustered_vectors(rng.integers(0, CLUSTERS, queries), DIM, seed=seed)
     found, exact_s, ann_s = [], 0.0, 0.0
     for u in users:
-        q = retrieval_query(u, TEMPERATURE)
+        q = retrieval_query(u)
         t0 = time.perf_counter()
         truth, _ = ann.exact(vectors, q, 50)
         t1 = time.perf_counter()
@@ -355,7 +355,6 @@ def precision(directory: Path) -> dict[str, Any]:
     offsets, flat = histories["offsets"], histories["items"]
     embeddings = np.load(directory / "user_embeddings.npy")
     holdout = np.load(directory / "holdout.npy") if (directory / "holdout.npy").exists() else None
-    temperature = float(json.loads((directory / "user_model.json").read_text())["temperature"])
     booster = load_reranker(directory / "reranker.txt")
     overlap_r16: list[float] = []
     overlap_v: list[float] = []
@@ -366,7 +365,7 @@ def precision(directory: Path) -> dict[str, Any]:
     for user in range(len(offsets) - 1):
         history = flat[offsets[user] : offsets[user + 1]].tolist()
         u = np.asarray(embeddings[user], dtype=np.float32)
-        q = retrieval_query(u, temperature)
+        q = retrieval_query(u)
         seen = set(history)
         a = [i for i in ann.exact(r32, q, 50 + len(seen))[0].tolist() if i not in seen][:50]
         b = [i for i in ann.exact(r16, q, 50 + len(seen))[0].tolist() if i not in seen][:50]

@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from model_store.bundle import Bundle, load_bundle
+from model_store.distill import Teacher
 from model_store.engines.torch_engine import TorchEngine
 from model_store.evaluate import held_out
 from model_store.prompts import MODES
@@ -30,11 +32,9 @@ TOP_CODES = 3
 
 def teacher_level0(rec: Recommender, users: np.ndarray) -> np.ndarray:
     """(n, codes): the user model's next-item probabilities summed per first-level code."""
-    retrieval = rec.bundle.retrieval_vectors
-    queries = np.concatenate([users, np.full((len(users), 1), rec.temperature)], axis=1)
-    logits = queries @ retrieval.T / rec.temperature
-    probs = np.exp(logits - logits.max(axis=1, keepdims=True))
-    probs /= probs.sum(axis=1, keepdims=True)
+    bundle = rec.bundle
+    teacher = Teacher(bundle.retrieval_vectors, float(bundle.user_model_config["temperature"]))
+    probs = teacher.probs(torch.from_numpy(np.asarray(users, dtype=np.float32))).numpy()
     codes = rec.bundle.sid_codes[:, 0]
     out = np.zeros((len(users), int(codes.max()) + 1))
     for code in range(out.shape[1]):

@@ -102,7 +102,6 @@ class Recommender:
         self.table = item_table(bundle)
         self.popular_order = bundle.item_array("popular_order")
         self.search = ItemSearch.load(bundle.retrieval_vectors, bundle.dir)
-        self.temperature = float(bundle.user_model_config["temperature"])
         self.vocab = bundle.vocab
         self.layout = self.vocab.layout
         self.item_sid_ids = bundle.item_sid_ids
@@ -182,7 +181,7 @@ class Recommender:
 
     def nearest(self, user: np.ndarray, seen: set[int], k: int) -> list[Scored]:
         """Items closest to the user vector (the ANN fallback), unseen ones only."""
-        query = retrieval_query(user, self.temperature)
+        query = retrieval_query(user)
         items, scores = self.search.search(query, min(self.n_items, k + len(seen)))
         pairs = zip(items.tolist(), scores.tolist(), strict=True)
         return [Scored(i, s) for i, s in pairs if i not in seen][:k]

@@ -156,14 +156,16 @@ def item_vectors(model: UserModel) -> np.ndarray:
 
 @torch.inference_mode()
 def retrieval_vectors(model: UserModel) -> np.ndarray:
-    """Item vectors with the prior as one more column: a query [user, temperature] scores
-    exactly the training logits (scaled by the temperature) by inner product."""
+    """Item vectors with the prior (bias × temperature) as one more column: the query
+    `retrieval_query(user)` scores the training logits (user · vector / temperature + bias)
+    times the temperature by inner product, the same ranking."""
     bias = model.item_bias.detach().numpy()[:, None] * model.cfg.temperature
     return np.concatenate([item_vectors(model), bias], axis=1).astype(np.float32)
 
 
-def retrieval_query(user: np.ndarray, temperature: float) -> np.ndarray:
-    return np.append(np.asarray(user, dtype=np.float32), np.float32(temperature))
+def retrieval_query(user: np.ndarray) -> np.ndarray:
+    """[user, 1]: the prior column counts once (see `retrieval_vectors`)."""
+    return np.append(np.asarray(user, dtype=np.float32), np.float32(1.0))
 
 
 def save_user_model(model: UserModel, directory: Path) -> list[str]:

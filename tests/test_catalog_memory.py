@@ -89,7 +89,7 @@ def test_small_catalogs_keep_the_exact_search(tiny_bundle: Path) -> None:
     for user in range(0, 40, 7):
         embedding = bundle.user_embeddings[user]
         got = rec.nearest(embedding, set(), 50)
-        q = retrieval_query(embedding, rec.temperature)[None]
+        q = retrieval_query(embedding)[None]
         scores, items = flat.search(q, 50)
         assert np.allclose([s.score for s in got], scores[0], atol=1e-5)
         assert len({s.item for s in got} ^ set(items[0].tolist())) <= 2  # ties at the edge only

@@ -355,7 +355,8 @@ def precision(directory: Path) -> dict[str, Any]:
     offsets, flat = histories["offsets"], histories["items"]
     embeddings = np.load(directory / "user_embeddings.npy")
     holdout = np.load(directory / "holdout.npy") if (directory / "holdout.npy").exists() else None
-    booster = load_reranker(directory / "reranker.txt")
+    manifest = json.loads((directory / "manifest.json").read_text())
+    reranker = load_reranker(directory / "reranker.txt", manifest.get("reranker", {}).get("base"))
     overlap_r16: list[float] = []
     overlap_v: list[float] = []
     same_order: list[bool] = []
@@ -378,8 +379,8 @@ def precision(directory: Path) -> dict[str, Any]:
         x32 = candidate_features(t32, u, history, a, lp)
         x16 = candidate_features(t16, u, history, a, lp)
         feature_diff = np.maximum(feature_diff, np.nanmax(np.abs(x32 - x16), axis=0))
-        o32, _ = rerank(booster, x32)
-        o16, _ = rerank(booster, x16)
+        o32, _ = rerank(reranker, x32)
+        o16, _ = rerank(reranker, x16)
         same_order.append(bool(np.array_equal(o32, o16)))
         top10.append(len(set(o32[:10].tolist()) & set(o16[:10].tolist())) / 10)
         v32 = np.asarray(t32.vectors, np.float32) @ u

@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rec = Recommender(bundle)
     if rec.reranker is None:
         raise SystemExit("the bundle has no reranker")
-    booster = rec.reranker
+    reranker = rec.reranker
     n_total = args.warmup + args.users if args.users > 0 else 0
     cases = load_cases(bundle, rec, n_total, args.seed)
     warm, timed = cases[: args.warmup], cases[args.warmup :]
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         x = candidate_features(
             rec.table, case.embedding, case.history, items, [s.score for s in near]
         )
-        order, _ = rerank(booster, x)
+        order, _ = rerank(reranker, x)
         top = unseen((items[i] for i in order), case.seen, k)
         t2 = time.perf_counter()
         if record:

@@ -174,9 +174,16 @@ def _train_reranker_stage(
             y = (np.array(items) == plan.rerank_targets[u]).astype(np.float32)
             found += int(y.any())
             groups.append((x, y))
-    booster = train_reranker(groups, seed=cfg.seed, rounds=cfg.reranker_rounds)
-    save_reranker(booster, out / "reranker.txt")
-    return {"validation_users": len(users), "target_in_candidates": found / max(1, len(users))}
+    reranker = train_reranker(
+        groups, cfg.user_model.temperature, seed=cfg.seed, rounds=cfg.reranker_rounds
+    )
+    save_reranker(reranker, out / "reranker.txt")
+    return {
+        "validation_users": len(users),
+        "target_in_candidates": found / max(1, len(users)),
+        "base": reranker.base,
+        "rounds": reranker.booster.num_trees(),
+    }
 
 
 def build(

@@ -20,9 +20,8 @@ import pandas as pd
 from model_store.columns import mapped
 
 if TYPE_CHECKING:
-    import lightgbm as lgb
-
     from model_store.projector import Projector
+    from model_store.reranker import Reranker
     from model_store.trie import SIDTrie
     from model_store.user_model import UserModel
     from model_store.vocab import Vocab
@@ -249,10 +248,11 @@ class Bundle:
         return load_user_model(self.dir)
 
     @cached_property
-    def reranker(self) -> lgb.Booster:
+    def reranker(self) -> Reranker:
         from model_store.reranker import load_reranker
 
-        return load_reranker(self.dir / "reranker.txt")
+        base = self.manifest.get("reranker", {}).get("base")
+        return load_reranker(self.dir / "reranker.txt", base)
 
     @property
     def llm_dir(self) -> Path:

@@ -72,6 +72,14 @@ def plan_split(seqs: list[np.ndarray], holdout: str) -> Plan:
     raise ValueError(f"--holdout must be one of {sorted(HELD_OUT)}, not {holdout!r}")
 
 
+def split_users(ds: Dataset, cfg: BuildConfig, holdout: str) -> tuple[Plan, list[list[str]]]:
+    """The build's split of the (first `max_users`) users and each user's context words."""
+    seqs = data.sequences(ds)
+    if cfg.max_users is not None:
+        seqs = seqs[: cfg.max_users]
+    return plan_split(seqs, holdout), _users(ds)["context"].tolist()[: len(seqs)]
+
+
 class Timer:
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
@@ -145,42 +153,52 @@ def _users(ds: Dataset) -> pd.DataFrame:
     return users.reset_index(drop=True)
 
 
+def reranker_groups(
+    rec: Recommender,
+    plan: Plan,
+    contexts: list[list[str]],
+    fit_states: np.ndarray,
+    beam_width: int,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """One (features, labels) group per user with a reranker target: the candidates
+    generated from the history that ends before that item, labelled 1 where they hit it."""
+    from model_store.engines.torch_engine import TorchEngine
+
+    engine = TorchEngine.from_dir(rec.bundle.llm_dir)
+    users = np.flatnonzero(plan.rerank_targets >= 0)
+    mode = MODES["soft+prompt"]
+    groups = []
+    for start in range(0, len(users), 128):
+        chunk = users[start : start + 128]
+        prompts = [rec.prompt(mode, plan.fit[u], fit_states[u], contexts[u]) for u in chunk]
+        seen = [set(plan.fit[u].tolist()) for u in chunk]  # as served: no consumed items
+        found_beams = rec.generate(engine, prompts, beam_width, exclude=seen)
+        for u, beams in zip(chunk, found_beams, strict=True):
+            items = [b.item for b in beams]
+            x = candidate_features(
+                rec.table, fit_states[u], plan.fit[u], items, [b.logprob for b in beams]
+            )
+            groups.append((x, (np.array(items) == plan.rerank_targets[u]).astype(np.float32)))
+    return groups
+
+
 def _train_reranker_stage(
     out: Path,
     plan: Plan,
     cfg: BuildConfig,
     contexts: list[list[str]],
     fit_states: np.ndarray,
-    show_progress: bool,
 ) -> dict[str, Any]:
     """Candidates for histories ending before the validation item; labels = that item."""
-    from model_store.engines.torch_engine import TorchEngine
-
     rec = Recommender(Bundle(out, verified=False), with_reranker=False)
-    engine = TorchEngine.from_dir(rec.bundle.llm_dir)
-    users = np.flatnonzero(plan.rerank_targets >= 0)
-    mode = MODES["soft+prompt"]
-    groups, found = [], 0
-    for start in range(0, len(users), 128):
-        chunk = users[start : start + 128]
-        prompts = [rec.prompt(mode, plan.fit[u], fit_states[u], contexts[u]) for u in chunk]
-        seen = [set(plan.fit[u].tolist()) for u in chunk]  # as served: no consumed items
-        found_beams = rec.generate(engine, prompts, cfg.beam_width, exclude=seen)
-        for u, beams in zip(chunk, found_beams, strict=True):
-            items = [b.item for b in beams]
-            x = candidate_features(
-                rec.table, fit_states[u], plan.fit[u], items, [b.logprob for b in beams]
-            )
-            y = (np.array(items) == plan.rerank_targets[u]).astype(np.float32)
-            found += int(y.any())
-            groups.append((x, y))
+    groups = reranker_groups(rec, plan, contexts, fit_states, cfg.beam_width)
     reranker = train_reranker(
         groups, cfg.user_model.temperature, seed=cfg.seed, rounds=cfg.reranker_rounds
     )
     save_reranker(reranker, out / "reranker.txt")
     return {
-        "validation_users": len(users),
-        "target_in_candidates": found / max(1, len(users)),
+        "validation_users": len(groups),
+        "target_in_candidates": sum(bool(y.any()) for _, y in groups) / max(1, len(groups)),
         "base": reranker.base,
         "rounds": reranker.booster.num_trees(),
     }
@@ -207,11 +225,8 @@ def build(
     if out.exists():
         shutil.rmtree(out)
     (out / "llm").mkdir(parents=True)
-    seqs = data.sequences(ds)
-    if cfg.max_users is not None:
-        seqs = seqs[: cfg.max_users]
-    plan = plan_split(seqs, holdout)
-    contexts = _users(ds)["context"].tolist()[: len(seqs)]
+    plan, contexts = split_users(ds, cfg, holdout)
+    n_users = len(plan.fit)
 
     with timer.stage("content_vectors"):
         content_vecs = content.encode_cached(
@@ -260,7 +275,7 @@ def build(
         popularity = np.bincount(np.concatenate(plan.published), minlength=ds.n_items)
         _catalog(ds, sids.codes, popularity).to_parquet(out / "catalog.parquet")
         _write_items(out, ds, popularity, vocab.sid_ids(sids.codes))
-        _users(ds).iloc[: len(seqs)].to_parquet(out / "users.parquet")
+        _users(ds).iloc[:n_users].to_parquet(out / "users.parquet")
         np.save(out / "sid_codes.npy", sids.codes)
         np.save(out / "sid_codebooks.npy", sids.codebooks)
         trie.save(out / "sid_trie.npz")
@@ -274,7 +289,7 @@ def build(
 
     with timer.stage("reranker"):
         fit_states = user_model.user_states(umodel, plan.fit)
-        reranker_stats = _train_reranker_stage(out, plan, cfg, contexts, fit_states, show_progress)
+        reranker_stats = _train_reranker_stage(out, plan, cfg, contexts, fit_states)
 
     meta: dict[str, Any] = {
         "dataset": ds.name,
@@ -283,7 +298,7 @@ def build(
         "dataset_checksum": ds.checksum,
         "holdout": holdout,
         "held_out": HELD_OUT[holdout],
-        "n_users": len(seqs),
+        "n_users": n_users,
         "n_items": ds.n_items,
         "config": cfg.to_dict(),
         "base_model": str(base_model) if base_model else None,

@@ -125,16 +125,17 @@ def _ndcg10(scores: np.ndarray, labels: np.ndarray) -> float:
 
 def train_reranker(
     groups: Sequence[tuple[np.ndarray, np.ndarray]],
-    temperature: float,
+    temperature: float | None,
     seed: int = 0,
     rounds: int = 200,
 ) -> Reranker:
     """`groups`: one (features, 0/1 labels) pair per user; groups without a positive are
-    skipped. `temperature`: the user model's, which puts its score on the logit scale."""
+    skipped. `temperature`: the user model's, which puts its score on the logit scale
+    (None: trees alone, as bundles were trained before the base)."""
     kept = [(x, y) for x, y in groups if y.any()]
     if not kept:
         raise ValueError("no validation user has their item among the candidates")
-    base = fit_base(kept, temperature)
+    base = fit_base(kept, temperature) if temperature is not None else {}
     data = lgb.Dataset(
         np.concatenate([x for x, _ in kept]),
         np.concatenate([y for _, y in kept]),

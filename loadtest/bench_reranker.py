@@ -24,7 +24,7 @@ import numpy as np
 from model_store import metrics, user_model
 from model_store.build import reranker_groups, split_users
 from model_store.bundle import load_bundle
-from model_store.cli import load_named_dataset
+from model_store.cli import load_named_dataset, set_threads
 from model_store.config import BuildConfig
 from model_store.engines.torch_engine import TorchEngine
 from model_store.evaluate import TOP_K, held_out
@@ -95,7 +95,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", type=Path, action="append", required=True)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="as the build (its figures repeat at 1 thread)"
+    )
     args = parser.parse_args()
+    set_threads(args.threads)
     results = [compare(b) for b in args.bundle]
     for r in results:
         print(

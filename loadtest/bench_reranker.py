@@ -27,7 +27,7 @@ from model_store.bundle import load_bundle
 from model_store.cli import load_named_dataset, set_threads
 from model_store.config import BuildConfig
 from model_store.engines.torch_engine import TorchEngine
-from model_store.evaluate import TOP_K, held_out
+from model_store.evaluate import TOP_K, held_out, search_prompts
 from model_store.prompts import MODES
 from model_store.recommend import Recommender, unseen
 from model_store.reranker import FEATURES, base_score, candidate_features, train_reranker
@@ -56,10 +56,9 @@ def compare(bundle_dir: Path) -> dict[str, Any]:
         rec.prompt(MODES["soft+prompt"], h, v, c)
         for h, v, c in zip(held.histories, vectors, user_contexts, strict=True)
     ]
-    beams = []
-    for start in range(0, len(prompts), 128):
-        part = slice(start, start + 128)
-        beams += rec.generate(engine, prompts[part], cfg.beam_width, exclude=held.seen[part])
+    beams = search_prompts(
+        rec, engine, prompts, cfg.beam_width, 128, False, "soft+prompt", held.seen
+    )
     features = [
         candidate_features(rec.table, v, h, [b.item for b in bs], [b.logprob for b in bs])
         for v, h, bs in zip(vectors, held.histories, beams, strict=True)

@@ -93,7 +93,7 @@ def held_out(bundle: Bundle, max_users: int | None = None) -> HeldOut:
     )
 
 
-def _search(
+def search_prompts(
     rec: Recommender,
     engine: Engine,
     prompts: Sequence[Prompt],
@@ -146,7 +146,7 @@ def evaluate(
             rec.prompt(mode, h, vectors[d], contexts[d])
             for h, d in zip(histories, donor, strict=True)
         ]
-        beams_by_row[name] = _search(
+        beams_by_row[name] = search_prompts(
             rec, engine, prompts, beam_width, chunk, show_progress, name, seen
         )
         ranked[name] = [

@@ -19,6 +19,8 @@ from pathlib import Path
 import lightgbm as lgb
 import numpy as np
 
+from model_store import metrics
+
 FEATURES = (
     "beam_logprob",
     "beam_rank",
@@ -111,16 +113,18 @@ def fit_base(
     best: tuple[float, dict[str, float]] = (-1.0, {})
     for weight in LLM_WEIGHTS:
         base = {"user_model_score": 1.0 / temperature, "beam_logprob": weight}
-        quality = float(np.mean([_ndcg10(base_score(base, x), y) for x, y in groups]))
+        ranks = np.array([_positive_rank(base_score(base, x), y) for x, y in groups])
+        quality = metrics.ndcg(ranks, 10)
         if quality > best[0]:
             best = (quality, base)
     return best[1]
 
 
-def _ndcg10(scores: np.ndarray, labels: np.ndarray) -> float:
+def _positive_rank(scores: np.ndarray, labels: np.ndarray) -> int:
+    """0-based rank of the first positive when ordered by score (ties: candidate order)."""
     order = np.lexsort((np.arange(len(scores)), -scores))
-    hits = np.flatnonzero(labels[order][:10])
-    return float(1.0 / np.log2(hits[0] + 2)) if len(hits) else 0.0
+    hits = np.flatnonzero(labels[order])
+    return int(hits[0]) if len(hits) else -1
 
 
 def train_reranker(

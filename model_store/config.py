@@ -96,6 +96,10 @@ def _parse(raw: str, current: Any, key: str, optional: bool) -> Any:
 
 
 def _from_dict(default: Any, config: Mapping[str, Any], where: str) -> Any:
+    """A field missing from `config` takes its `absent` metadata if it has one (the value
+    that reproduces what genrec did before the field existed); any other gap is an error."""
+    absent = {f.name: f.metadata["absent"] for f in fields(default) if "absent" in f.metadata}
+    config = {**absent, **config}
     names = {f.name for f in fields(default)}
     missing, unknown = names - set(config), set(config) - names
     if missing or unknown:

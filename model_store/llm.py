@@ -1,10 +1,14 @@
 """The generative LLM (Qwen2 architecture, HF format) and its soft-token projector.
 
 Trained jointly on packed windows of each user's items (see `prompts.py` for the layout):
-the loss falls on the Semantic-ID tokens only. Each window's soft token is the user
-model's state *before* the window, i.e. a long-term embedding that lags the recent items
-written in the prompt, as a daily batch embedding does in production. Soft token, context
-and synthesised words are dropped at random so one model serves every ablation mode.
+the loss falls on the Semantic-ID tokens only. A window's soft token is a user-model state
+of that user: at `soft_at="head"` the state *before* the window, a long-term embedding
+that lags the recent items written after it; at `soft_at="now"` the state after a random
+number of the window's items, written at that point of the window, so the items before
+it are learnt without it and those after it with a state that is fresh for the first and
+older for each one after (as a daily embedding is for the events of the day). Soft token,
+context and synthesised words are dropped at random so one model serves every ablation
+mode.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import json
 import math
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -24,7 +28,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, Qwen2Config, Qwe
 from model_store.distill import LevelTargets, Teacher
 from model_store.progress import progress_bar
 from model_store.projector import Projector
-from model_store.prompts import prompt_ids
+from model_store.prompts import SOFT_AT, SOFT_AT_ABSENT, prompt_ids
 from model_store.vocab import BOS, EOS, PAD, USER, Vocab
 
 CPU_ATTENTION_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)
@@ -48,7 +52,12 @@ class LLMConfig:
     bf16: bool = False  # autocast the forward pass to bfloat16 (fp32 master weights)
     distill: float = 0.0  # weight of the user model's per-level targets (`distill.py`): off,
     # as on the test split it lowered the served pipeline (BENCHMARKS.md)
+    soft_at: str = field(default="head", metadata={"absent": SOFT_AT_ABSENT})  # prompts.SOFT_AT
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.soft_at not in SOFT_AT:
+            raise ValueError(f"llm.soft_at {self.soft_at!r}: expected one of {SOFT_AT}")
 
 
 def new_model(vocab: Vocab, cfg: LLMConfig) -> Qwen2ForCausalLM:
@@ -126,8 +135,8 @@ class Example:
 
     ids: list[int]
     labels: list[int]
-    soft: np.ndarray | None  # the user state before the window (None: soft token dropped)
-    head: int  # prompt length: the window's items start here
+    soft: np.ndarray | None  # the soft token's user state (None: soft token dropped)
+    item_starts: np.ndarray  # the position of each window item's first SID token
     items: np.ndarray  # the window's items
     states: np.ndarray  # the user state before each of them (the distillation teacher's)
 
@@ -141,7 +150,8 @@ def _window_example(
     rng: np.random.Generator,
 ) -> Example:
     items = data.train[user][start : start + cfg.window]
-    keep_soft = start > 0 and rng.random() >= cfg.p_drop_soft
+    point = _soft_point(cfg, start, len(items), rng)
+    n_soft = cfg.n_soft if point is not None else 0
     keep_context = rng.random() >= cfg.p_drop_context
     ask: list[str] = []
     less: list[str] = []
@@ -152,20 +162,38 @@ def _window_example(
         absent = sorted(data.all_genres - set(later))
         if absent:
             less = [absent[int(rng.integers(len(absent)))]]
-    head = prompt_ids(
+    ids = prompt_ids(
         vocab,
         data.item_sid_ids,
-        [],
-        n_soft=cfg.n_soft if keep_soft else 0,
+        items,
+        n_soft=n_soft,
         context=data.context[user] if keep_context else None,
         ask=ask,
         less=less,
+        soft_at=cfg.soft_at,
+        newer=len(items) - (point or 0),
     )
-    body = data.item_sid_ids[items].reshape(-1).tolist()
-    labels = [-100] * len(head) + body
-    soft = data.states[user][start] if keep_soft else None
+    levels = data.item_sid_ids.shape[1]
+    among = n_soft if cfg.soft_at == "now" else 0  # soft tokens written among the items
+    item_starts = len(ids) - among - levels * len(items) + levels * np.arange(len(items))
+    item_starts[point or 0 :] += among
+    labels = [-100] * len(ids)
+    for s in item_starts:
+        labels[s : s + levels] = ids[s : s + levels]
+    soft = data.states[user][start + point] if point is not None else None
     states = data.states[user][start : start + len(items)]
-    return Example(head + body, labels, soft, len(head), items, states)
+    return Example(ids, labels, soft, item_starts, items, states)
+
+
+def _soft_point(cfg: LLMConfig, start: int, n_items: int, rng: np.random.Generator) -> int | None:
+    """After how many of the window's items the soft token's state is taken (None: the
+    soft token is dropped). A state needs an item before it: none before a user's first."""
+    if cfg.soft_at == "head":
+        return 0 if start > 0 and rng.random() >= cfg.p_drop_soft else None
+    earliest = 1 if start == 0 else 0
+    if n_items <= earliest or rng.random() < cfg.p_drop_soft:
+        return None
+    return int(rng.integers(earliest, n_items))
 
 
 def _epoch_examples(
@@ -203,9 +231,9 @@ def _distill_inputs(
     """(positions, states, items) for `LevelTargets.loss`: the flat index of the logits
     that write each level of each window item (the token before it), its state, its id."""
     positions = [
-        row * length + e.head + j * levels + np.arange(levels) - 1
+        row * length + start + np.arange(levels) - 1
         for row, e in enumerate(batch)
-        for j in range(len(e.items))
+        for start in e.item_starts
     ]
     states = np.concatenate([e.states for e in batch])
     items = np.concatenate([e.items for e in batch])

@@ -118,24 +118,32 @@ class Recommender:
         context: Sequence[str] | None,
         ask: str | Sequence[str] = (),
         less: Sequence[str] = (),
+        newer: int = 0,
     ) -> Prompt:
-        """The prompt for one request; the soft token only when the mode and a vector allow."""
+        """The prompt for one request; the soft token only when the mode and a vector allow.
+        `newer`: how many of the most recent history items the user vector has not seen
+        (logged after it was computed); a bundle whose soft token stands "now" writes it
+        before them."""
         soft = None
         if mode.soft and user is not None and np.any(user):
             soft = self.projector.project(user)
         recent = list(history)[-mode.history :] if mode.history else []
-        ids = prompt_ids(
-            self.vocab,
-            self.item_sid_ids,
-            recent,
-            n_soft=0 if soft is None else len(soft),
-            context=context if mode.context else None,
-            ask=ask,
-            less=less,
-        )
-        head = len(ids) - len(recent) * self.sid_len  # the history is written last
-        dropped = len(recent) - aligned_history(head, len(recent), self.sid_len, self.align)
-        ids = ids[:head] + ids[head + dropped * self.sid_len :]  # without the oldest items
+
+        def ids_of(items: Sequence[int]) -> list[int]:
+            return prompt_ids(
+                self.vocab,
+                self.item_sid_ids,
+                items,
+                n_soft=0 if soft is None else len(soft),
+                context=context if mode.context else None,
+                ask=ask,
+                less=less,
+                soft_at=self.bundle.soft_at,
+                newer=newer,
+            )
+
+        kept = aligned_history(len(ids_of([])), len(recent), self.sid_len, self.align)
+        ids = ids_of(recent[len(recent) - kept :])  # without the oldest items
         return Prompt(tuple(ids), soft, self.vocab.id(USER))
 
     def generate(

@@ -239,7 +239,7 @@ class Recommendations:
         known = list(dict.fromkeys(w for w in asked if vocab.known(w)))
         less = [g for g in facts.edits.less.genres if vocab.known(g)]
         return self.core.prompt(
-            mode, facts.prompt_history, facts.embedding, facts.context, known, less
+            mode, facts.prompt_history, facts.embedding, facts.context, known, less, facts.newer
         )
 
     def _item(self, c: Candidate) -> Item:

@@ -95,14 +95,30 @@ def resolve(edits: TasteEdits, catalog: Catalog) -> Taste:
 def prompt_history(history: Sequence[int], edits: TasteEdits, catalog: Catalog) -> list[int]:
     """What the prompt shows of a history: forgotten items and genres out, `more` items in
     (after the history, as if most recent)."""
+    shown = _shown(history, edits, catalog)
+    more = [i for i in catalog.indices(edits.more.items) if i not in shown]
+    return shown + more
+
+
+def unseen_by_embedding(
+    history: Sequence[int], known: int, edits: TasteEdits, catalog: Catalog
+) -> int:
+    """How many of `prompt_history`'s most recent items the user's embedding has not seen,
+    when it was computed from the history's first `known` items: the later items shown
+    and the `more` items (where a bundle places the soft token, see `model_store.prompts`)."""
+    shown = prompt_history(history, edits, catalog)
+    return len(shown) - len(_shown(history[:known], edits, catalog))
+
+
+def _shown(history: Sequence[int], edits: TasteEdits, catalog: Catalog) -> list[int]:
+    """The history without forgotten items and genres, in order (a prefix of the history
+    gives a prefix of the prompt's)."""
     forgotten = set(catalog.indices(edits.forget.items))
     forgotten_genres = set(edits.forget.genres)
-    shown = [
+    return [
         int(i) for i in history
         if int(i) not in forgotten and not forgotten_genres & set(catalog.genres[int(i)])
     ]  # fmt: skip
-    more = [i for i in catalog.indices(edits.more.items) if i not in shown]
-    return shown + more
 
 
 # ---------------------------------------------------------------------------- facets

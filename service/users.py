@@ -35,6 +35,7 @@ class UserFacts:
     embedding: np.ndarray | None
     history: list[int]  # everything consumed (the no-repeats rule)
     prompt_history: list[int]  # what the prompt shows: forgotten items out, `more` items in
+    newer: int  # prompt_history's most recent items the embedding has not seen
     context: list[str] | None
     age: int | None
     edits: TasteEdits
@@ -59,7 +60,7 @@ class UserReader:
         user = self.catalog.user_index.get(user_id)
         state = await self._state(user_id, trace) or UserState(None, None, None)
         embedding = state.embedding
-        history = self._history(user, state)
+        history, known = self._history(user, state)
         if embedding is None and not trace.degraded:
             known = user is not None or bool(history)  # in the bundle, or has sent events
             trace.degrade("no_embedding" if known else "unknown_user")
@@ -73,6 +74,7 @@ class UserReader:
             embedding,
             history,
             taste.prompt_history(history, edits, self.catalog),
+            taste.unseen_by_embedding(history, known, edits, self.catalog),
             words,
             age,
             edits,
@@ -81,9 +83,10 @@ class UserReader:
             skipped=frozenset(self.catalog.indices(state.skips)),
         )
 
-    def _history(self, user: int | None, state: UserState) -> list[int]:
+    def _history(self, user: int | None, state: UserState) -> tuple[list[int], int]:
         """The published history (else the bundle's, as of its build), then the events
-        logged since the published version was computed."""
+        logged since the published version was computed; and how many items the first part,
+        the one the embedding was computed from, holds."""
         if state.history is not None:
             base = [int(i) for i in state.history]
         elif user is not None:
@@ -91,7 +94,7 @@ class UserReader:
         else:
             base = []
         checkpoint = state.checkpoint if state.history is not None else None
-        return base + self.catalog.indices(consumed_since(state.live, checkpoint))
+        return base + self.catalog.indices(consumed_since(state.live, checkpoint)), len(base)
 
     async def _state(self, user_id: str, trace: Trace) -> UserState | None:
         """The user's published state, or None (and the reason in the trace)."""

@@ -4,6 +4,7 @@ from, and the validation holdout that tuning runs on."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -39,9 +40,11 @@ def test_a_bad_setting_says_why(assignment: str, reason: str) -> None:
 
 
 def test_a_manifest_config_comes_back_as_it_was_built() -> None:
-    cfg = override(PRESETS["full"].with_seed(2), "llm.distill=0.25")
+    cfg = override(override(PRESETS["full"].with_seed(2), "llm.distill=0.25"), "llm.soft_at=now")
     stored = json.loads(json.dumps(cfg.to_dict()))  # as the manifest keeps it
     assert BuildConfig.from_dict(stored) == cfg
+    del stored["llm"]["soft_at"]  # before it existed the soft token stood at the head
+    assert BuildConfig.from_dict(stored) == replace(cfg, llm=replace(cfg.llm, soft_at="head"))
     del stored["llm"]["distill"]
     stored["llm"]["dropout"] = 0.1
     with pytest.raises(ValueError, match=r"lacks llm\.distill, has unknown llm\.dropout"):

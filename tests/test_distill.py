@@ -75,7 +75,8 @@ def test_the_loss_is_zero_only_when_the_llm_agrees_with_the_teacher() -> None:
     assert logits.grad is not None and logits.grad.abs().sum() > 0
 
 
-def test_each_position_is_the_token_before_the_level_it_writes() -> None:
+@pytest.mark.parametrize("soft_at", ["head", "now"])
+def test_each_position_is_the_token_before_the_level_it_writes(soft_at: str) -> None:
     vocab = _vocab()
     sid_ids = vocab.sid_ids(CODES)
     states = np.arange(6 * 4, dtype=np.float32).reshape(6, 4)
@@ -86,7 +87,7 @@ def test_each_position_is_the_token_before_the_level_it_writes() -> None:
         item_sid_ids=sid_ids,
         item_genres=[[]] * len(CODES),
     )
-    cfg = llm.LLMConfig(window=4, p_ask=0.0, p_less=0.0)
+    cfg = llm.LLMConfig(window=4, p_drop_soft=0.0, p_ask=0.0, p_less=0.0, soft_at=soft_at)
     rng = np.random.default_rng(0)
     batch = [llm._window_example(vocab, data, cfg, 0, start, rng) for start in (0, 2)]
     ids, _, _, _ = llm._batch_tensors(batch, pad_id=0)

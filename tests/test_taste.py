@@ -18,6 +18,7 @@ from service.taste import (
     parse_edits,
     prompt_history,
     resolve,
+    unseen_by_embedding,
 )
 
 CATALOG = Catalog(
@@ -139,6 +140,13 @@ def test_prompt_history_drops_forgotten_and_appends_more_items() -> None:
     )
     assert prompt_history([0, 1, 2, 3], edits, CATALOG) == [0, 2, 4]
     assert prompt_history([5, 2], TasteEdits(), CATALOG) == [5, 2]
+
+
+def test_what_the_embedding_has_not_seen_is_the_shown_history_after_it() -> None:
+    edits = TasteEdits(more=TasteSet(items=[uri(4)]), forget=TasteSet(items=[uri(1)]))
+    history = [0, 1, 2, 3]  # the prompt shows [0, 2, 3, 4]
+    assert [unseen_by_embedding(history, k, edits, CATALOG) for k in range(5)] == [4, 3, 3, 2, 1]
+    assert unseen_by_embedding(history, 4, TasteEdits(), CATALOG) == 0
 
 
 HISTORY = [0, 1, 2, 4, 3, 5]

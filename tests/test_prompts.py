@@ -1,0 +1,62 @@
+"""Where the soft token stands: at "head" before everything, at "now" at the point of the
+history its state describes, in the prompts the gateway writes and the windows training
+learns from alike."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from model_store import llm
+from model_store.prompts import prompt_ids
+from model_store.vocab import BOS, HIST, USER, Vocab
+
+CODES = np.array([[0, 0], [0, 1], [1, 0], [1, 1]])
+
+
+def _vocab() -> Vocab:
+    return Vocab.build(["hello"], [2, 2])
+
+
+def test_a_now_soft_token_stands_before_the_items_its_embedding_has_not_seen() -> None:
+    vocab = _vocab()
+    sid = vocab.sid_ids(CODES)
+    user, hist, bos = vocab.id(USER), vocab.id(HIST), vocab.id(BOS)
+    history = [3, 1, 2]
+    head = prompt_ids(vocab, sid, history, n_soft=1)
+    assert head[:3] == [bos, user, hist]
+    assert head[3:] == sid[history].reshape(-1).tolist()
+    for newer, cut in [(0, 6), (1, 4), (3, 0), (9, 0)]:
+        now = prompt_ids(vocab, sid, history, n_soft=1, soft_at="now", newer=newer)
+        assert now[:2] == [bos, hist]
+        assert now[2:] == [*head[3 : 3 + cut], user, *head[3 + cut :]]
+    assert prompt_ids(vocab, sid, history, soft_at="now") == [bos, hist, *head[3:]]
+    with pytest.raises(ValueError, match="soft_at"):
+        prompt_ids(vocab, sid, history, soft_at="tail")
+
+
+def test_a_now_window_gives_the_soft_token_the_state_at_its_point() -> None:
+    vocab = _vocab()
+    sid = vocab.sid_ids(CODES)
+    states = np.arange(8 * 3, dtype=np.float32).reshape(8, 3)  # state after items [0..p)
+    data = llm.TrainingData(
+        train=[np.array([0, 1, 2, 3, 2, 1, 0, 3])],
+        states=[states],
+        context=[["hello"]],
+        item_sid_ids=sid,
+        item_genres=[[]] * len(CODES),
+    )
+    cfg = llm.LLMConfig(window=4, p_drop_soft=0.0, p_ask=0.0, p_less=0.0, soft_at="now")
+    rng = np.random.default_rng(0)
+    points = set()
+    for start in [0, 4] * 20:
+        e = llm._window_example(vocab, data, cfg, 0, start, rng)
+        at = e.ids.index(vocab.id(USER))
+        before = int(np.searchsorted(e.item_starts, at))  # window items written before it
+        points.add(before)
+        assert start + before > 0  # never the state of an empty history
+        np.testing.assert_array_equal(e.soft, states[start + before])
+        labelled = [i for i, label in enumerate(e.labels) if label != -100]
+        assert at not in labelled and len(labelled) == 2 * len(e.items)
+        assert [e.ids[i] for i in labelled] == sid[e.items].reshape(-1).tolist()
+    assert points == {0, 1, 2, 3}

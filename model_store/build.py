@@ -258,7 +258,7 @@ def build(
         else:
             model = llm.new_model(vocab, cfg.llm)
         hidden = int(model.config.hidden_size)
-        projector = Projector(cfg.user_model.dim, hidden, cfg.llm.n_soft)
+        projector = Projector(cfg.user_model.dim, hidden, cfg.llm.n_soft, cfg.llm.soft_at)
         training = llm.TrainingData(
             train=plan.fit,
             states=_states_per_position(umodel, plan.fit),

@@ -254,14 +254,6 @@ class Bundle:
         base = self.manifest.get("reranker", {}).get("base")
         return load_reranker(self.dir / "reranker.txt", base)
 
-    @cached_property
-    def soft_at(self) -> str:
-        """Where the LLM's prompts place the soft token (`prompts.SOFT_AT`)."""
-        from model_store.prompts import SOFT_AT_ABSENT
-
-        llm = self.manifest.get("config", {}).get("llm", {})
-        return str(llm.get("soft_at", SOFT_AT_ABSENT))
-
     @property
     def llm_dir(self) -> Path:
         return self.dir / "llm"

@@ -14,13 +14,18 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from model_store.prompts import SOFT_AT, SOFT_AT_ABSENT
+
 
 class Projector(nn.Module):
-    """User embedding → n soft-token embeddings in the LLM's hidden size."""
+    """User embedding → n soft-token embeddings in the LLM's hidden size, and where the
+    prompts the LLM was trained on place them (`soft_at`, see `model_store.prompts`)."""
 
-    def __init__(self, user_dim: int, hidden: int, n_soft: int) -> None:
+    def __init__(self, user_dim: int, hidden: int, n_soft: int, soft_at: str = "head") -> None:
         super().__init__()
-        self.user_dim, self.hidden, self.n_soft = user_dim, hidden, n_soft
+        if soft_at not in SOFT_AT:
+            raise ValueError(f"soft_at {soft_at!r}: expected one of {SOFT_AT}")
+        self.user_dim, self.hidden, self.n_soft, self.soft_at = user_dim, hidden, n_soft, soft_at
         self.net = nn.Sequential(
             nn.Linear(user_dim, 2 * hidden), nn.GELU(), nn.Linear(2 * hidden, hidden * n_soft)
         )
@@ -36,14 +41,20 @@ class Projector(nn.Module):
 
 def save_projector(projector: Projector, directory: Path) -> list[str]:
     save_file(projector.state_dict(), str(directory / "projector.safetensors"))
-    meta = {"user_dim": projector.user_dim, "hidden": projector.hidden, "n_soft": projector.n_soft}
+    meta = {
+        "user_dim": projector.user_dim,
+        "hidden": projector.hidden,
+        "n_soft": projector.n_soft,
+        "soft_at": projector.soft_at,
+    }
     (directory / "projector.json").write_text(json.dumps(meta))
     return ["projector.safetensors", "projector.json"]
 
 
 def load_projector(directory: Path) -> Projector:
     meta = json.loads((directory / "projector.json").read_text())
-    projector = Projector(meta["user_dim"], meta["hidden"], meta["n_soft"])
+    soft_at = meta.get("soft_at", SOFT_AT_ABSENT)
+    projector = Projector(meta["user_dim"], meta["hidden"], meta["n_soft"], soft_at)
     projector.load_state_dict(load_file(str(directory / "projector.safetensors")))
     projector.eval()
     return projector

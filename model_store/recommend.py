@@ -138,7 +138,7 @@ class Recommender:
                 context=context if mode.context else None,
                 ask=ask,
                 less=less,
-                soft_at=self.bundle.soft_at,
+                soft_at=self.projector.soft_at,
                 newer=newer,
             )
 

@@ -4,10 +4,14 @@ learns from alike."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from model_store import llm
+from model_store.projector import Projector, load_projector, save_projector
 from model_store.prompts import prompt_ids
 from model_store.vocab import BOS, HIST, USER, Vocab
 
@@ -60,3 +64,12 @@ def test_a_now_window_gives_the_soft_token_the_state_at_its_point() -> None:
         assert at not in labelled and len(labelled) == 2 * len(e.items)
         assert [e.ids[i] for i in labelled] == sid[e.items].reshape(-1).tolist()
     assert points == {0, 1, 2, 3}
+
+
+def test_the_projector_keeps_where_its_soft_token_stands(tmp_path: Path) -> None:
+    save_projector(Projector(4, 8, 1, soft_at="now"), tmp_path)
+    assert load_projector(tmp_path).soft_at == "now"
+    meta = json.loads((tmp_path / "projector.json").read_text())
+    del meta["soft_at"]  # a bundle built before the choice existed
+    (tmp_path / "projector.json").write_text(json.dumps(meta))
+    assert load_projector(tmp_path).soft_at == "head"

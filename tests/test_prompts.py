@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 
 from model_store import llm
+from model_store.bundle import Bundle
 from model_store.projector import Projector, load_projector, save_projector
-from model_store.prompts import prompt_ids
+from model_store.prompts import MODES, prompt_ids
+from model_store.recommend import Recommender
 from model_store.vocab import BOS, HIST, USER, Vocab
 
 CODES = np.array([[0, 0], [0, 1], [1, 0], [1, 1]])
@@ -73,3 +75,20 @@ def test_the_projector_keeps_where_its_soft_token_stands(tmp_path: Path) -> None
     del meta["soft_at"]  # a bundle built before the choice existed
     (tmp_path / "projector.json").write_text(json.dumps(meta))
     assert load_projector(tmp_path).soft_at == "head"
+
+
+def test_the_served_prompt_of_a_now_bundle_keeps_its_length_and_places_the_soft_token(
+    tiny_bundle: Path,
+) -> None:
+    rec = Recommender(Bundle(tiny_bundle))
+    history = [int(i) for i in rec.bundle.histories[0]][-20:]
+    user = rec.bundle.user_embeddings[0]
+    head = rec.prompt(MODES["soft+prompt"], history, user, ["age:25-34"])
+    rec.projector.soft_at = "now"
+    user_id = rec.vocab.id(USER)
+    for newer in (0, 2):
+        now = rec.prompt(MODES["soft+prompt"], history, user, ["age:25-34"], newer=newer)
+        assert len(now.token_ids) == len(head.token_ids)  # the same block-aligned length
+        after = len(now.token_ids) - 1 - now.token_ids.index(user_id)
+        assert after == newer * rec.sid_len  # the newer items' tokens follow the soft token
+        assert now.soft_positions() == [now.token_ids.index(user_id)]

@@ -28,7 +28,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, Qwen2Config, Qwe
 from model_store.distill import LevelTargets, Teacher
 from model_store.progress import progress_bar
 from model_store.projector import Projector
-from model_store.prompts import SOFT_AT, SOFT_AT_ABSENT, prompt_ids
+from model_store.prompts import SOFT_AT_ABSENT, checked_soft_at, prompt_ids
 from model_store.vocab import BOS, EOS, PAD, USER, Vocab
 
 CPU_ATTENTION_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)
@@ -58,8 +58,7 @@ class LLMConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.soft_at not in SOFT_AT:
-            raise ValueError(f"llm.soft_at {self.soft_at!r}: expected one of {SOFT_AT}")
+        checked_soft_at(self.soft_at)
 
 
 def new_model(vocab: Vocab, cfg: LLMConfig) -> Qwen2ForCausalLM:

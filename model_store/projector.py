@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from model_store.prompts import SOFT_AT, SOFT_AT_ABSENT
+from model_store.prompts import SOFT_AT_ABSENT, checked_soft_at
 
 
 class Projector(nn.Module):
@@ -23,9 +23,8 @@ class Projector(nn.Module):
 
     def __init__(self, user_dim: int, hidden: int, n_soft: int, soft_at: str = "head") -> None:
         super().__init__()
-        if soft_at not in SOFT_AT:
-            raise ValueError(f"soft_at {soft_at!r}: expected one of {SOFT_AT}")
-        self.user_dim, self.hidden, self.n_soft, self.soft_at = user_dim, hidden, n_soft, soft_at
+        self.user_dim, self.hidden, self.n_soft = user_dim, hidden, n_soft
+        self.soft_at = checked_soft_at(soft_at)
         self.net = nn.Sequential(
             nn.Linear(user_dim, 2 * hidden), nn.GELU(), nn.Linear(2 * hidden, hidden * n_soft)
         )

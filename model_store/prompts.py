@@ -33,6 +33,14 @@ SOFT_AT = ("head", "now")
 SOFT_AT_ABSENT = "head"
 """The layout of bundles built before `soft_at` existed."""
 
+
+def checked_soft_at(soft_at: str) -> str:
+    """`soft_at`, or ValueError when it names no layout."""
+    if soft_at not in SOFT_AT:
+        raise ValueError(f"soft_at {soft_at!r}: expected one of {SOFT_AT}")
+    return soft_at
+
+
 _AGE_BUCKETS = (
     (18, "age:under-18"),
     (25, "age:18-24"),
@@ -95,10 +103,8 @@ def prompt_ids(
     less of) is written only when the vocabulary has `<less>`: bundles trained before it
     existed simply never see it.
     """
-    if soft_at not in SOFT_AT:
-        raise ValueError(f"soft_at {soft_at!r}: expected one of {SOFT_AT}")
     soft = [vocab.id(USER)] * n_soft
-    ids = [vocab.id(BOS)] + (soft if soft_at == "head" else [])
+    ids = [vocab.id(BOS)] + (soft if checked_soft_at(soft_at) == "head" else [])
     if context:
         ids += [vocab.id(CTX), *vocab.ids(context)]
     words = words_of(ask) if isinstance(ask, str) else list(ask)

@@ -101,13 +101,13 @@ def prompt_history(history: Sequence[int], edits: TasteEdits, catalog: Catalog) 
 
 
 def unseen_by_embedding(
-    history: Sequence[int], known: int, edits: TasteEdits, catalog: Catalog
+    shown: Sequence[int], embedded: Sequence[int], edits: TasteEdits, catalog: Catalog
 ) -> int:
-    """How many of `prompt_history`'s most recent items the user's embedding has not seen,
-    when it was computed from the history's first `known` items: the later items shown
-    and the `more` items (where a bundle places the soft token, see `model_store.prompts`)."""
-    shown = prompt_history(history, edits, catalog)
-    return len(shown) - len(_shown(history[:known], edits, catalog))
+    """How many of `shown` (a history's `prompt_history`) most recent items the user's
+    embedding has not seen, when it was computed from `embedded` (the history's first
+    items): the later items shown and the `more` items (where a bundle places the soft
+    token, see `model_store.prompts`)."""
+    return len(shown) - len(_shown(embedded, edits, catalog))
 
 
 def _shown(history: Sequence[int], edits: TasteEdits, catalog: Catalog) -> list[int]:

@@ -60,7 +60,7 @@ class UserReader:
         user = self.catalog.user_index.get(user_id)
         state = await self._state(user_id, trace) or UserState(None, None, None)
         embedding = state.embedding
-        history, known = self._history(user, state)
+        history, embedded = self._history(user, state)
         if embedding is None and not trace.degraded:
             known = user is not None or bool(history)  # in the bundle, or has sent events
             trace.degrade("no_embedding" if known else "unknown_user")
@@ -70,11 +70,12 @@ class UserReader:
                 history.append(current)
         edits = _edits(state.edits)
         words, age = self._context(user, context)
+        shown = taste.prompt_history(history, edits, self.catalog)
         return UserFacts(
             embedding,
             history,
-            taste.prompt_history(history, edits, self.catalog),
-            taste.unseen_by_embedding(history, known, edits, self.catalog),
+            shown,
+            taste.unseen_by_embedding(shown, history[:embedded], edits, self.catalog),
             words,
             age,
             edits,

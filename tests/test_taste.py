@@ -145,8 +145,11 @@ def test_prompt_history_drops_forgotten_and_appends_more_items() -> None:
 def test_what_the_embedding_has_not_seen_is_the_shown_history_after_it() -> None:
     edits = TasteEdits(more=TasteSet(items=[uri(4)]), forget=TasteSet(items=[uri(1)]))
     history = [0, 1, 2, 3]  # the prompt shows [0, 2, 3, 4]
-    assert [unseen_by_embedding(history, k, edits, CATALOG) for k in range(5)] == [4, 3, 3, 2, 1]
-    assert unseen_by_embedding(history, 4, TasteEdits(), CATALOG) == 0
+    shown = prompt_history(history, edits, CATALOG)
+    unseen = [unseen_by_embedding(shown, history[:k], edits, CATALOG) for k in range(5)]
+    assert unseen == [4, 3, 3, 2, 1]
+    plain = prompt_history(history, TasteEdits(), CATALOG)
+    assert unseen_by_embedding(plain, history, TasteEdits(), CATALOG) == 0
 
 
 HISTORY = [0, 1, 2, 4, 3, 5]

@@ -26,6 +26,7 @@ from model_store.catalog import facet_codes, single_codes, write_items
 from model_store.config import BuildConfig
 from model_store.data import Dataset
 from model_store.distill import Teacher
+from model_store.item_graph import build_item_graph, save_item_graph
 from model_store.projector import Projector, save_projector
 from model_store.prompts import MODES, context_words
 from model_store.recommend import Recommender
@@ -288,6 +289,8 @@ def build(
             np.save(out / "holdout.npy", plan.holdout)
 
     with timer.stage("reranker"):
+        if cfg.item_neighbours:  # 0: the reranker without item-to-item experts
+            save_item_graph(build_item_graph(plan.fit, ds.n_items, cfg.item_neighbours), out)
         fit_states = user_model.user_states(umodel, plan.fit)
         reranker_stats = _train_reranker_stage(out, plan, cfg, contexts, fit_states)
 

@@ -20,6 +20,7 @@ import pandas as pd
 from model_store.columns import mapped
 
 if TYPE_CHECKING:
+    from model_store.item_graph import ItemGraph
     from model_store.projector import Projector
     from model_store.reranker import Reranker
     from model_store.trie import SIDTrie
@@ -234,6 +235,13 @@ class Bundle:
     def holdout(self) -> np.ndarray | None:
         path = self.dir / "holdout.npy"
         return np.load(path) if path.exists() else None
+
+    @cached_property
+    def item_graph(self) -> ItemGraph | None:
+        """The reranker's item-to-item experts, mapped; None in bundles built before them."""
+        from model_store.item_graph import load_item_graph
+
+        return load_item_graph(self.dir, len(self.sid_codes))
 
     @cached_property
     def projector(self) -> Projector:

@@ -19,6 +19,8 @@ class BuildConfig:
     content_weight: float = 1.0  # weight of the content vector in the fused SID input
     collab_weight: float = 1.0  # weight of the user-model item vector in the fused SID input
     beam_width: int = 50  # beams for reranker training and evaluation
+    # neighbours kept per item by the reranker's item graph (`item_graph.py`)
+    item_neighbours: int = field(default=50, metadata={"absent": 0})
     reranker_rounds: int = 200
     max_users: int | None = None  # keep only the first N users (tests)
     seed: int = 0

@@ -88,6 +88,7 @@ def item_table(bundle: Bundle) -> ItemTable:
         ),
         year=bundle.item_array("year"),
         prior=bundle.retrieval_vectors[:, -1],
+        graph=bundle.item_graph,
     )
 
 

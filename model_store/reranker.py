@@ -12,6 +12,7 @@ before each user's validation item), so the test split stays untouched.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ import lightgbm as lgb
 import numpy as np
 
 from model_store import metrics
+from model_store.item_graph import ItemGraph
 
 FEATURES = (
     "beam_logprob",
@@ -30,10 +32,17 @@ FEATURES = (
     "genre_share",
     "log_popularity",
     "year_gap",
+    "transition_score",
+    "cooccurrence_sim",
 )
 
 LLM_WEIGHTS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.6, 1.0, 1.5, 2.0, 4.0)
 """The base's candidate weights for the LLM's log-probability, per unit of user-model logit."""
+GRAPH_WEIGHTS = {
+    "transition_score": (0.0, 0.5, 1.0, 2.0),
+    "cooccurrence_sim": (0.0, 2.0, 5.0, 10.0, 20.0),
+}
+"""The base's candidate weights for the item graph's two experts (`item_graph.py`)."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +55,7 @@ class ItemTable:
     log_popularity: np.ndarray  # (n,)
     year: np.ndarray  # (n,) float, NaN unknown
     prior: np.ndarray  # (n,) the user model's item prior, on the scale of user·item
+    graph: ItemGraph | None = None  # item-to-item experts (None: a bundle built before them)
 
 
 def candidate_features(
@@ -75,6 +85,11 @@ def candidate_features(
         out[:, 7] = np.abs(table.year[cand] - mean_year)
     else:
         out[:, [3, 4, 5, 7]] = np.nan
+    if table.graph is not None and len(hist):
+        out[:, 8] = table.graph.transition_score(hist, cand)
+        out[:, 9] = table.graph.cooccurrence_score(hist, cand)
+    else:
+        out[:, [8, 9]] = np.nan
     out[:, 6] = table.log_popularity[cand]
     return out
 
@@ -94,7 +109,9 @@ class Reranker:
     base: Mapping[str, float] = field(default_factory=dict)
 
     def scores(self, features: np.ndarray) -> np.ndarray:
-        out = np.asarray(self.booster.predict(features, raw_score=True), dtype=np.float64)
+        """Trees read the features they were trained on: FEATURES only ever grows at its end."""
+        trained = features[:, : self.booster.num_feature()]
+        out = np.asarray(self.booster.predict(trained, raw_score=True), dtype=np.float64)
         return out + base_score(self.base, features)
 
 
@@ -108,23 +125,38 @@ def base_score(base: Mapping[str, float], features: np.ndarray) -> np.ndarray:
 def fit_base(
     groups: Sequence[tuple[np.ndarray, np.ndarray]], temperature: float
 ) -> dict[str, float]:
-    """The user model's logit (its score over the temperature) plus the LLM weight that
-    ranks the groups' positives best by mean NDCG@10 (ties: the smaller weight)."""
+    """The user model's logit (its score over the temperature) plus the weights of the
+    LLM's log-probability and the item graph's experts that rank the groups' positives best
+    by mean NDCG@10 (a grid; ties: the earlier, smaller weights). Experts a bundle lacks
+    (NaN) weigh nothing, and their weight stays 0."""
+    x = np.nan_to_num(np.concatenate([g for g, _ in groups]).astype(np.float64))
+    y = np.concatenate([labels for _, labels in groups]).astype(bool)
+    group = np.repeat(np.arange(len(groups)), [len(labels) for _, labels in groups])
+    column = {name: x[:, FEATURES.index(name)] for name in ("user_model_score", *GRAPH_WEIGHTS)}
+    logprob = x[:, FEATURES.index("beam_logprob")]
     best: tuple[float, dict[str, float]] = (-1.0, {})
-    for weight in LLM_WEIGHTS:
-        base = {"user_model_score": 1.0 / temperature, "beam_logprob": weight}
-        ranks = np.array([_positive_rank(base_score(base, x), y) for x, y in groups])
-        quality = metrics.ndcg(ranks, 10)
-        if quality > best[0]:
-            best = (quality, base)
+    for graph_weights in itertools.product(*GRAPH_WEIGHTS.values()):
+        graph = dict(zip(GRAPH_WEIGHTS, graph_weights, strict=True))
+        if any(w and not column[name].any() for name, w in graph.items()):
+            continue
+        fixed = column["user_model_score"] / temperature
+        fixed = fixed + sum(w * column[name] for name, w in graph.items())
+        for weight in LLM_WEIGHTS:
+            quality = _mean_ndcg(fixed + weight * logprob, y, group, len(groups))
+            if quality > best[0]:
+                base = {"user_model_score": 1.0 / temperature, "beam_logprob": weight}
+                best = (quality, {**base, **{k: w for k, w in graph.items() if w}})
     return best[1]
 
 
-def _positive_rank(scores: np.ndarray, labels: np.ndarray) -> int:
-    """0-based rank of the first positive when ordered by score (ties: candidate order)."""
-    order = np.lexsort((np.arange(len(scores)), -scores))
-    hits = np.flatnonzero(labels[order])
-    return int(hits[0]) if len(hits) else -1
+def _mean_ndcg(scores: np.ndarray, positive: np.ndarray, group: np.ndarray, n: int) -> float:
+    """Mean NDCG@10 over `n` groups, each with exactly one positive (candidates are distinct
+    items); a candidate tied with the positive ranks ahead of it when it comes first."""
+    where = np.empty(n, dtype=np.int64)
+    where[group[positive]] = np.flatnonzero(positive)
+    target = scores[where][group]
+    ahead = (scores > target) | ((scores == target) & (np.arange(len(scores)) < where[group]))
+    return metrics.ndcg(np.bincount(group, weights=ahead, minlength=n).astype(np.int64), 10)
 
 
 def train_reranker(

@@ -1,0 +1,158 @@
+"""Item-to-item evidence for the reranker: which items follow which, which share users.
+
+Two classic collaborative experts beside the user model and the LLM. `transitions` holds,
+for every item, how likely each other item is to come within the next three items of a
+training sequence (row-normalised, smoothed); `cooccurrence` the cosine between items over
+the users who have them. Each keeps only an item's `neighbours` strongest entries, so the
+tables grow with the catalog (about 6 bytes per entry), not with its square, and the
+weakest, noisiest pairs are left out. Built from the same sequences as the user model and
+the LLM, so the reranker's training targets never appear in them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import scipy.sparse as sp
+
+GRAPH_DIR = "item_graph"
+FOLLOW_WEIGHTS = (1.0, 0.5, 0.25)
+"""Weight of the item 1, 2 and 3 steps after another in a training sequence."""
+SMOOTHING = 5.0
+"""Added to each item's outgoing total: an item seen once says little about its successor."""
+RECENT_WEIGHTS = (1.0, 0.6, 0.4, 0.3, 0.2)
+"""Weight of the last, second-last, ... history item when scoring transitions."""
+COOCCURRENCE_HISTORY = 20
+"""History items a candidate's co-occurrence is averaged over."""
+BLOCK = 4096
+"""Items whose co-occurrence rows are computed (and cut) at once."""
+FLOOR = 1e-4
+"""Added before the log of the transition score (a pair never seen is not impossible)."""
+
+
+@dataclass(frozen=True)
+class ItemGraph:
+    transitions: sp.csr_matrix  # (n, n) float32
+    cooccurrence: sp.csr_matrix  # (n, n) float32
+
+    def transition_score(self, history: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        """log(recency-weighted chance that each candidate follows the history's last items)."""
+        recent = history[::-1][: len(RECENT_WEIGHTS)]
+        weights = np.array(RECENT_WEIGHTS[: len(recent)])
+        return np.log(_lookup(self.transitions, recent, weights, candidates) + FLOOR)
+
+    def cooccurrence_score(self, history: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        """Mean cosine between each candidate and the history's last items."""
+        recent = history[-COOCCURRENCE_HISTORY:]
+        weights = np.full(len(recent), 1.0 / max(len(recent), 1))
+        return _lookup(self.cooccurrence, recent, weights, candidates)
+
+
+def _lookup(
+    table: sp.csr_matrix, rows: np.ndarray, weights: np.ndarray, candidates: np.ndarray
+) -> np.ndarray:
+    """Σ_r weights[r] · table[rows[r], candidates], reading only the rows' stored entries
+    (a dense row would cost the catalog's size per request)."""
+    out = np.zeros(len(candidates), dtype=np.float64)
+    if not len(rows) or not len(candidates):
+        return out
+    starts, ends = table.indptr[rows], table.indptr[rows + 1]
+    spans = [np.arange(s, e) for s, e in zip(starts, ends, strict=True)]
+    entries = np.concatenate(spans)
+    row_weight = np.repeat(weights, ends - starts)
+    order = np.argsort(candidates, kind="stable")
+    ranked = candidates[order]
+    pos = np.minimum(np.searchsorted(ranked, table.indices[entries]), len(ranked) - 1)
+    hit = ranked[pos] == table.indices[entries]
+    np.add.at(out, order[pos[hit]], row_weight[hit] * table.data[entries][hit])
+    return out
+
+
+def build_item_graph(seqs: Sequence[np.ndarray], n_items: int, neighbours: int) -> ItemGraph:
+    """Both tables from the training sequences, each row cut to its `neighbours` largest."""
+    return ItemGraph(
+        _top_per_row(_transitions(seqs, n_items), neighbours),
+        _cooccurrence(seqs, n_items, neighbours),
+    )
+
+
+def _transitions(seqs: Sequence[np.ndarray], n_items: int) -> sp.csr_matrix:
+    sources, targets, weights = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0)]
+    for seq in seqs:
+        for step, weight in enumerate(FOLLOW_WEIGHTS, start=1):
+            if len(seq) > step:
+                sources.append(seq[:-step])
+                targets.append(seq[step:])
+                weights.append(np.full(len(seq) - step, weight))
+    counts = sp.csr_matrix(
+        (np.concatenate(weights), (np.concatenate(sources), np.concatenate(targets))),
+        shape=(n_items, n_items),
+    )
+    totals = np.asarray(counts.sum(axis=1)).ravel()
+    return sp.csr_matrix(sp.diags(1.0 / (totals + SMOOTHING)) @ counts)
+
+
+def _cooccurrence(seqs: Sequence[np.ndarray], n_items: int, k: int) -> sp.csr_matrix:
+    """Top-`k` cosine rows, `BLOCK` items at a time: the full item × item product of a large
+    catalog would not fit in memory before it is cut."""
+    users = np.repeat(np.arange(len(seqs)), [len(s) for s in seqs])
+    items = np.concatenate([np.asarray(s, np.int64) for s in seqs]) if seqs else users
+    has = sp.csr_matrix((np.ones(len(items)), (users, items)), shape=(len(seqs), n_items))
+    has.data[:] = 1.0  # an item twice in one history still counts once
+    norms = np.sqrt(np.asarray(has.sum(axis=0)).ravel())
+    scale = 1.0 / np.where(norms > 0, norms, 1.0)
+    inverse = sp.diags(scale)
+    by_item = sp.csr_matrix(has.T)
+    blocks = []
+    for start in range(0, n_items, BLOCK):
+        stop = min(start + BLOCK, n_items)
+        block = (sp.diags(scale[start:stop]) @ by_item[start:stop] @ has @ inverse).tocoo()
+        other = block.col != block.row + start  # an item is not its own neighbour
+        cosine = sp.csr_matrix(
+            (block.data[other], (block.row[other], block.col[other])), shape=block.shape
+        )
+        blocks.append(_top_per_row(cosine, k))
+    return sp.csr_matrix(sp.vstack(blocks)) if blocks else sp.csr_matrix((n_items, n_items))
+
+
+def _top_per_row(table: sp.csr_matrix, k: int) -> sp.csr_matrix:
+    """Each row's `k` largest entries (ties: the lower item id), as float32."""
+    coo = table.tocoo()
+    order = np.lexsort((coo.col, -coo.data, coo.row))
+    rows = coo.row[order]
+    first = np.searchsorted(rows, rows, side="left")
+    keep = order[np.arange(len(order)) - first < k]
+    out = sp.csr_matrix(
+        (coo.data[keep].astype(np.float32), (coo.row[keep], coo.col[keep])), shape=table.shape
+    )
+    out.sort_indices()
+    return out
+
+
+def save_item_graph(graph: ItemGraph, bundle_dir: Path) -> None:
+    directory = bundle_dir / GRAPH_DIR
+    directory.mkdir(exist_ok=True)
+    for name in ("transitions", "cooccurrence"):
+        table: sp.csr_matrix = getattr(graph, name)
+        np.save(directory / f"{name}.indptr.npy", table.indptr.astype(np.int64))
+        np.save(directory / f"{name}.indices.npy", table.indices.astype(np.int32))
+        np.save(directory / f"{name}.data.npy", table.data.astype(np.float32))
+
+
+def load_item_graph(bundle_dir: Path, n_items: int) -> ItemGraph | None:
+    """The bundle's graph, mapped read-only; None for a bundle built before it existed."""
+    directory = bundle_dir / GRAPH_DIR
+    if not directory.is_dir():
+        return None
+
+    def table(name: str) -> sp.csr_matrix:
+        parts = [
+            np.load(directory / f"{name}.{part}.npy", mmap_mode="r")
+            for part in ("data", "indices", "indptr")
+        ]
+        return sp.csr_matrix(tuple(parts), shape=(n_items, n_items), copy=False)
+
+    return ItemGraph(table("transitions"), table("cooccurrence"))

@@ -16,6 +16,7 @@ import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import lightgbm as lgb
 import numpy as np
@@ -122,6 +123,37 @@ def base_score(base: Mapping[str, float], features: np.ndarray) -> np.ndarray:
     return out
 
 
+class _Stacked(NamedTuple):
+    """Training groups as one matrix: rows, which row is a positive, each row's group."""
+
+    x: np.ndarray
+    positive: np.ndarray
+    group: np.ndarray
+    n: int
+
+    @classmethod
+    def of(cls, groups: Sequence[tuple[np.ndarray, np.ndarray]]) -> _Stacked:
+        sizes = [len(labels) for _, labels in groups]
+        return cls(
+            np.concatenate([x for x, _ in groups]).astype(np.float64),
+            np.concatenate([labels for _, labels in groups]).astype(bool),
+            np.repeat(np.arange(len(groups)), sizes),
+            len(groups),
+        )
+
+    def ndcg(self, scores: np.ndarray) -> float:
+        """Mean NDCG@10 over the groups, each with exactly one positive (candidates are
+        distinct items); a candidate tied with the positive ranks ahead when it comes first."""
+        where = np.empty(self.n, dtype=np.int64)
+        where[self.group[self.positive]] = np.flatnonzero(self.positive)
+        target = scores[where][self.group]
+        ahead = (scores > target) | (
+            (scores == target) & (np.arange(len(scores)) < where[self.group])
+        )
+        ranks = np.bincount(self.group, weights=ahead, minlength=self.n).astype(np.int64)
+        return metrics.ndcg(ranks, 10)
+
+
 def fit_base(
     groups: Sequence[tuple[np.ndarray, np.ndarray]], temperature: float
 ) -> dict[str, float]:
@@ -129,9 +161,8 @@ def fit_base(
     LLM's log-probability and the item graph's experts that rank the groups' positives best
     by mean NDCG@10 (a grid; ties: the earlier, smaller weights). Experts a bundle lacks
     (NaN) weigh nothing, and their weight stays 0."""
-    x = np.nan_to_num(np.concatenate([g for g, _ in groups]).astype(np.float64))
-    y = np.concatenate([labels for _, labels in groups]).astype(bool)
-    group = np.repeat(np.arange(len(groups)), [len(labels) for _, labels in groups])
+    stacked = _Stacked.of(groups)
+    x = np.nan_to_num(stacked.x)
     column = {name: x[:, FEATURES.index(name)] for name in ("user_model_score", *GRAPH_WEIGHTS)}
     logprob = x[:, FEATURES.index("beam_logprob")]
     best: tuple[float, dict[str, float]] = (-1.0, {})
@@ -142,21 +173,11 @@ def fit_base(
         fixed = column["user_model_score"] / temperature
         fixed = fixed + sum(w * column[name] for name, w in graph.items())
         for weight in LLM_WEIGHTS:
-            quality = _mean_ndcg(fixed + weight * logprob, y, group, len(groups))
+            quality = stacked.ndcg(fixed + weight * logprob)
             if quality > best[0]:
                 base = {"user_model_score": 1.0 / temperature, "beam_logprob": weight}
                 best = (quality, {**base, **{k: w for k, w in graph.items() if w}})
     return best[1]
-
-
-def _mean_ndcg(scores: np.ndarray, positive: np.ndarray, group: np.ndarray, n: int) -> float:
-    """Mean NDCG@10 over `n` groups, each with exactly one positive (candidates are distinct
-    items); a candidate tied with the positive ranks ahead of it when it comes first."""
-    where = np.empty(n, dtype=np.int64)
-    where[group[positive]] = np.flatnonzero(positive)
-    target = scores[where][group]
-    ahead = (scores > target) | ((scores == target) & (np.arange(len(scores)) < where[group]))
-    return metrics.ndcg(np.bincount(group, weights=ahead, minlength=n).astype(np.int64), 10)
 
 
 def train_reranker(
@@ -195,14 +216,29 @@ def train_reranker(
         "num_threads": 1,
         "verbosity": -1,
     }
-    booster = lgb.train(params, data, num_boost_round=cv_rounds(params, data, rounds, seed))
+    stacked = _Stacked.of(kept)
+    base_quality = stacked.ndcg(base_score(base, stacked.x))
+    chosen = cv_rounds(params, data, rounds, seed, base_quality)
+    # no round beats the base: a booster without trees (it saves, loads and adds 0)
+    booster = (
+        lgb.train(params, data, num_boost_round=chosen) if chosen else lgb.Booster(params, data)
+    )
     return Reranker(booster, base)
 
 
-def cv_rounds(params: dict[str, object], data: lgb.Dataset, rounds: int, seed: int) -> int:
+def cv_rounds(
+    params: dict[str, object],
+    data: lgb.Dataset,
+    rounds: int,
+    seed: int,
+    base_quality: float = -1.0,
+) -> int:
     """Boosting rounds chosen by 5-fold cross-validation over the validation users (folds
     keep each user's candidates together), stopping when NDCG@10 stops improving: a few
-    hundred groups overfit a fixed, generous number of rounds."""
+    hundred groups overfit a fixed, generous number of rounds. 0 when no round's mean
+    beats `base_quality`, the NDCG@10 of the base alone: lambdarank's leaves, fitted to
+    the small gradients of groups the base already ranks well, can be large enough for
+    one tree to undo a good base."""
     group = data.get_group()
     if group is None or len(np.asarray(group)) < 10:
         return rounds
@@ -215,8 +251,8 @@ def cv_rounds(params: dict[str, object], data: lgb.Dataset, rounds: int, seed: i
         seed=seed,
         callbacks=[lgb.early_stopping(20, first_metric_only=True, verbose=False)],
     )
-    scores = history["valid ndcg@10-mean"]
-    return max(1, len(np.asarray(scores)))
+    scores = np.asarray(history["valid ndcg@10-mean"])
+    return len(scores) if scores.max() > base_quality else 0
 
 
 def rerank(reranker: Reranker, features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

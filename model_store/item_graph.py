@@ -137,8 +137,11 @@ def save_item_graph(graph: ItemGraph, bundle_dir: Path) -> None:
     directory.mkdir(exist_ok=True)
     for name in ("transitions", "cooccurrence"):
         table: sp.csr_matrix = getattr(graph, name)
-        np.save(directory / f"{name}.indptr.npy", table.indptr.astype(np.int64))
-        np.save(directory / f"{name}.indices.npy", table.indices.astype(np.int32))
+        # one index type for both arrays, the narrowest that holds them: scipy then maps
+        # them as they are (mixed types would be converted into the heap)
+        index = np.int32 if table.nnz < 2**31 and table.shape[0] < 2**31 else np.int64
+        np.save(directory / f"{name}.indptr.npy", table.indptr.astype(index))
+        np.save(directory / f"{name}.indices.npy", table.indices.astype(index))
         np.save(directory / f"{name}.data.npy", table.data.astype(np.float32))
 
 

@@ -4,6 +4,7 @@ scores the reranker reads, also after a round trip through the bundle's files.""
 
 from __future__ import annotations
 
+import mmap
 from pathlib import Path
 
 import numpy as np
@@ -105,3 +106,20 @@ def test_the_bundle_files_give_back_the_same_scores(tmp_path: Path) -> None:
         loaded.cooccurrence_score(history, candidates),
         graph.cooccurrence_score(history, candidates),
     )
+
+
+def test_the_loaded_tables_stay_mapped(tmp_path: Path) -> None:
+    save_item_graph(build_item_graph([np.array([0, 1, 2, 3])], N_ITEMS, 3), tmp_path)
+    loaded = load_item_graph(tmp_path, N_ITEMS)
+    assert loaded is not None
+    for table in (loaded.transitions, loaded.cooccurrence):
+        for part in (table.data, table.indices, table.indptr):  # no copy in the heap
+            assert _file_backed(part)
+
+
+def _file_backed(array: object) -> bool:
+    while array is not None:
+        if isinstance(array, np.memmap | mmap.mmap):
+            return True
+        array = getattr(array, "base", None)
+    return False

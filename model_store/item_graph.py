@@ -11,7 +11,7 @@ the LLM, so the reranker's training targets never appear in them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +28,10 @@ RECENT_WEIGHTS = (1.0, 0.6, 0.4, 0.3, 0.2)
 COOCCURRENCE_HISTORY = 20
 """History items a candidate's co-occurrence is averaged over."""
 BLOCK = 4096
-"""Items whose co-occurrence rows are computed (and cut) at once."""
+"""Most items whose co-occurrence rows are computed (and cut) at once ..."""
+ENTRY_BUDGET = 2e7
+"""... and most products they may hold (~16 bytes each before the cut): heavy users make
+popular items' rows long."""
 FLOOR = 1e-4
 """Added before the log of the transition score (a pair never seen is not impossible)."""
 
@@ -96,8 +99,8 @@ def _transitions(seqs: Sequence[np.ndarray], n_items: int) -> sp.csr_matrix:
 
 
 def _cooccurrence(seqs: Sequence[np.ndarray], n_items: int, k: int) -> sp.csr_matrix:
-    """Top-`k` cosine rows, `BLOCK` items at a time: the full item × item product of a large
-    catalog would not fit in memory before it is cut."""
+    """Top-`k` cosine rows, a block of items at a time: the full item × item product of a
+    large catalog would not fit in memory before it is cut."""
     users = np.repeat(np.arange(len(seqs)), [len(s) for s in seqs])
     items = np.concatenate([np.asarray(s, np.int64) for s in seqs]) if seqs else users
     has = sp.csr_matrix((np.ones(len(items)), (users, items)), shape=(len(seqs), n_items))
@@ -106,9 +109,10 @@ def _cooccurrence(seqs: Sequence[np.ndarray], n_items: int, k: int) -> sp.csr_ma
     scale = 1.0 / np.where(norms > 0, norms, 1.0)
     inverse = sp.diags(scale)
     by_item = sp.csr_matrix(has.T)
+    # at most this many products per item's row: what its users have between them
+    cost = by_item @ np.diff(has.indptr).astype(np.float64)
     blocks = []
-    for start in range(0, n_items, BLOCK):
-        stop = min(start + BLOCK, n_items)
+    for start, stop in _blocks(cost, ENTRY_BUDGET, BLOCK):
         block = (sp.diags(scale[start:stop]) @ by_item[start:stop] @ has @ inverse).tocoo()
         other = block.col != block.row + start  # an item is not its own neighbour
         cosine = sp.csr_matrix(
@@ -116,6 +120,18 @@ def _cooccurrence(seqs: Sequence[np.ndarray], n_items: int, k: int) -> sp.csr_ma
         )
         blocks.append(_top_per_row(cosine, k))
     return sp.csr_matrix(sp.vstack(blocks)) if blocks else sp.csr_matrix((n_items, n_items))
+
+
+def _blocks(cost: np.ndarray, budget: float, most: int) -> Iterator[tuple[int, int]]:
+    """Consecutive item ranges of at most `most` items whose summed cost stays within
+    `budget` (an item over it alone gets a range of its own)."""
+    total = np.concatenate([[0.0], np.cumsum(cost)])
+    start = 0
+    while start < len(cost):
+        stop = int(np.searchsorted(total, total[start] + budget, side="right")) - 1
+        stop = min(max(stop, start + 1), start + most)
+        yield start, stop
+        start = stop
 
 
 def _top_per_row(table: sp.csr_matrix, k: int) -> sp.csr_matrix:

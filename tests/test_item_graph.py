@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import mmap
 from pathlib import Path
+from unittest.mock import patch
 
 import numpy as np
 from hypothesis import given, settings
@@ -45,11 +46,12 @@ def _dense_cosine(seqs: list[np.ndarray]) -> np.ndarray:
 
 
 @settings(max_examples=60, deadline=None)
-@given(seqs=sequences, k=st.integers(1, 5))
+@given(seqs=sequences, k=st.integers(1, 5), budget=st.sampled_from([1.0, 40.0, 2e7]))
 def test_each_table_keeps_the_strongest_neighbours_of_its_definition(
-    seqs: list[np.ndarray], k: int
+    seqs: list[np.ndarray], k: int, budget: float
 ) -> None:
-    graph = build_item_graph(seqs, N_ITEMS, k)
+    with patch.object(item_graph, "ENTRY_BUDGET", budget):  # one item per block, a few, all
+        graph = build_item_graph(seqs, N_ITEMS, k)
     for built, dense in (
         (graph.transitions, _dense_transitions(seqs)),
         (graph.cooccurrence, _dense_cosine(seqs)),

@@ -59,19 +59,19 @@ def _lookup(
 ) -> np.ndarray:
     """Σ_r weights[r] · table[rows[r], candidates], reading only the rows' stored entries
     (a dense row would cost the catalog's size per request)."""
-    out = np.zeros(len(candidates), dtype=np.float64)
     if not len(rows) or not len(candidates):
-        return out
-    starts, ends = table.indptr[rows], table.indptr[rows + 1]
-    spans = [np.arange(s, e) for s, e in zip(starts, ends, strict=True)]
-    entries = np.concatenate(spans)
-    row_weight = np.repeat(weights, ends - starts)
+        return np.zeros(len(candidates), dtype=np.float64)
+    starts = table.indptr[rows].astype(np.int64)
+    lengths = table.indptr[rows + 1] - starts
+    # every stored entry of the rows, as one index array (row r's run starts at starts[r])
+    entries = np.arange(lengths.sum()) + np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
+    neighbours = table.indices[entries]
     order = np.argsort(candidates, kind="stable")
     ranked = candidates[order]
-    pos = np.minimum(np.searchsorted(ranked, table.indices[entries]), len(ranked) - 1)
-    hit = ranked[pos] == table.indices[entries]
-    np.add.at(out, order[pos[hit]], row_weight[hit] * table.data[entries][hit])
-    return out
+    pos = np.minimum(np.searchsorted(ranked, neighbours), len(ranked) - 1)
+    hit = ranked[pos] == neighbours
+    found = np.repeat(weights, lengths)[hit] * table.data[entries[hit]]
+    return np.bincount(order[pos[hit]], weights=found, minlength=len(candidates))
 
 
 def build_item_graph(seqs: Sequence[np.ndarray], n_items: int, neighbours: int) -> ItemGraph:

@@ -34,7 +34,13 @@ from model_store.evaluate import TOP_K, held_out, search_prompts
 from model_store.item_graph import build_item_graph
 from model_store.prompts import MODES
 from model_store.recommend import Recommender, unseen
-from model_store.reranker import FEATURES, base_score, candidate_features, train_reranker
+from model_store.reranker import (
+    FEATURES,
+    GRAPH_WEIGHTS,
+    base_score,
+    candidate_features,
+    train_reranker,
+)
 
 Scorer = Callable[[np.ndarray], np.ndarray]
 
@@ -113,7 +119,7 @@ def compare(
 def _without_graph(features: np.ndarray) -> np.ndarray:
     """The features as a bundle without the item graph has them (its experts unknown)."""
     out = features.copy()
-    out[:, [FEATURES.index("transition_score"), FEATURES.index("cooccurrence_sim")]] = np.nan
+    out[:, [FEATURES.index(name) for name in GRAPH_WEIGHTS]] = np.nan
     return out
 
 

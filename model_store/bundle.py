@@ -241,7 +241,7 @@ class Bundle:
         """The reranker's item-to-item experts, mapped; None in bundles built before them."""
         from model_store.item_graph import load_item_graph
 
-        return load_item_graph(self.dir, len(self.sid_codes))
+        return load_item_graph(self.dir)
 
     @cached_property
     def projector(self) -> Projector:

@@ -161,7 +161,7 @@ def save_item_graph(graph: ItemGraph, bundle_dir: Path) -> None:
         np.save(directory / f"{name}.data.npy", table.data.astype(np.float32))
 
 
-def load_item_graph(bundle_dir: Path, n_items: int) -> ItemGraph | None:
+def load_item_graph(bundle_dir: Path) -> ItemGraph | None:
     """The bundle's graph, mapped read-only; None for a bundle built before it existed."""
     directory = bundle_dir / GRAPH_DIR
     if not directory.is_dir():
@@ -172,6 +172,7 @@ def load_item_graph(bundle_dir: Path, n_items: int) -> ItemGraph | None:
             np.load(directory / f"{name}.{part}.npy", mmap_mode="r")
             for part in ("data", "indices", "indptr")
         ]
+        n_items = len(parts[2]) - 1  # one row pointer per item, and one past the last
         return sp.csr_matrix(tuple(parts), shape=(n_items, n_items), copy=False)
 
     return ItemGraph(table("transitions"), table("cooccurrence"))

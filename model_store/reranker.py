@@ -124,33 +124,34 @@ def base_score(base: Mapping[str, float], features: np.ndarray) -> np.ndarray:
 
 
 class _Stacked(NamedTuple):
-    """Training groups as one matrix: rows, which row is a positive, each row's group."""
+    """Training groups as one matrix: rows (as given), their 0/1 labels, each row's group."""
 
     x: np.ndarray
-    positive: np.ndarray
+    labels: np.ndarray
     group: np.ndarray
-    n: int
+    sizes: list[int]
 
     @classmethod
     def of(cls, groups: Sequence[tuple[np.ndarray, np.ndarray]]) -> _Stacked:
         sizes = [len(labels) for _, labels in groups]
         return cls(
-            np.concatenate([x for x, _ in groups]).astype(np.float64),
-            np.concatenate([labels for _, labels in groups]).astype(bool),
+            np.concatenate([x for x, _ in groups]),
+            np.concatenate([labels for _, labels in groups]),
             np.repeat(np.arange(len(groups)), sizes),
-            len(groups),
+            sizes,
         )
 
     def ndcg(self, scores: np.ndarray) -> float:
         """Mean NDCG@10 over the groups, each with exactly one positive (candidates are
         distinct items); a candidate tied with the positive ranks ahead when it comes first."""
-        where = np.empty(self.n, dtype=np.int64)
-        where[self.group[self.positive]] = np.flatnonzero(self.positive)
+        n, positive = len(self.sizes), self.labels.astype(bool)
+        where = np.empty(n, dtype=np.int64)
+        where[self.group[positive]] = np.flatnonzero(positive)
         target = scores[where][self.group]
         ahead = (scores > target) | (
             (scores == target) & (np.arange(len(scores)) < where[self.group])
         )
-        ranks = np.bincount(self.group, weights=ahead, minlength=self.n).astype(np.int64)
+        ranks = np.bincount(self.group, weights=ahead, minlength=n).astype(np.int64)
         return metrics.ndcg(ranks, 10)
 
 
@@ -161,8 +162,11 @@ def fit_base(
     LLM's log-probability and the item graph's experts that rank the groups' positives best
     by mean NDCG@10 (a grid; ties: the earlier, smaller weights). Experts a bundle lacks
     (NaN) weigh nothing, and their weight stays 0."""
-    stacked = _Stacked.of(groups)
-    x = np.nan_to_num(stacked.x)
+    return _fit_base(_Stacked.of(groups), temperature)
+
+
+def _fit_base(stacked: _Stacked, temperature: float) -> dict[str, float]:
+    x = np.nan_to_num(stacked.x.astype(np.float64))
     column = {name: x[:, FEATURES.index(name)] for name in ("user_model_score", *GRAPH_WEIGHTS)}
     logprob = x[:, FEATURES.index("beam_logprob")]
     best: tuple[float, dict[str, float]] = (-1.0, {})
@@ -192,12 +196,14 @@ def train_reranker(
     kept = [(x, y) for x, y in groups if y.any()]
     if not kept:
         raise ValueError("no validation user has their item among the candidates")
-    base = fit_base(kept, temperature) if temperature is not None else {}
+    stacked = _Stacked.of(kept)
+    base = _fit_base(stacked, temperature) if temperature is not None else {}
+    init_score = base_score(base, stacked.x)
     data = lgb.Dataset(
-        np.concatenate([x for x, _ in kept]),
-        np.concatenate([y for _, y in kept]),
-        group=[len(y) for _, y in kept],
-        init_score=np.concatenate([base_score(base, x) for x, _ in kept]),
+        stacked.x,
+        stacked.labels,
+        group=stacked.sizes,
+        init_score=init_score,
         feature_name=list(FEATURES),
         free_raw_data=False,
     )
@@ -216,9 +222,7 @@ def train_reranker(
         "num_threads": 1,
         "verbosity": -1,
     }
-    stacked = _Stacked.of(kept)
-    base_quality = stacked.ndcg(base_score(base, stacked.x))
-    chosen = cv_rounds(params, data, rounds, seed, base_quality)
+    chosen = cv_rounds(params, data, rounds, seed, stacked.ndcg(init_score))
     # no round beats the base: a booster without trees (it saves, loads and adds 0)
     booster = (
         lgb.train(params, data, num_boost_round=chosen) if chosen else lgb.Booster(params, data)
@@ -231,7 +235,7 @@ def cv_rounds(
     data: lgb.Dataset,
     rounds: int,
     seed: int,
-    base_quality: float = -1.0,
+    base_quality: float,
 ) -> int:
     """Boosting rounds chosen by 5-fold cross-validation over the validation users (folds
     keep each user's candidates together), stopping when NDCG@10 stops improving: a few

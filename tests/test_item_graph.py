@@ -96,9 +96,9 @@ def test_the_bundle_files_give_back_the_same_scores(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     seqs = [rng.integers(0, N_ITEMS, size=rng.integers(2, 20)) for _ in range(30)]
     graph = build_item_graph(seqs, N_ITEMS, 4)
-    assert load_item_graph(tmp_path, N_ITEMS) is None  # a bundle built before the graph
+    assert load_item_graph(tmp_path) is None  # a bundle built before the graph
     save_item_graph(graph, tmp_path)
-    loaded = load_item_graph(tmp_path, N_ITEMS)
+    loaded = load_item_graph(tmp_path)
     assert loaded is not None
     history, candidates = np.array([3, 1, 4, 1, 5]), np.array([9, 2, 6, 5])
     assert np.array_equal(
@@ -112,7 +112,7 @@ def test_the_bundle_files_give_back_the_same_scores(tmp_path: Path) -> None:
 
 def test_the_loaded_tables_stay_mapped(tmp_path: Path) -> None:
     save_item_graph(build_item_graph([np.array([0, 1, 2, 3])], N_ITEMS, 3), tmp_path)
-    loaded = load_item_graph(tmp_path, N_ITEMS)
+    loaded = load_item_graph(tmp_path)
     assert loaded is not None
     for table in (loaded.transitions, loaded.cooccurrence):
         for part in (table.data, table.indices, table.indptr):  # no copy in the heap

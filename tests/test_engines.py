@@ -16,10 +16,11 @@ import pytest
 import torch
 
 from loadtest.bench_engines import save_random_qwen2
-from model_store.engines import open_engine
+from model_store.engines import open_engine, vllm_core
 from model_store.engines.base import prompt_embeddings
 from model_store.engines.torch_engine import TorchEngine
-from model_store.engines.vllm_engine import VLLMEngine
+from model_store.engines.vllm_core import CoreDriver, through_front_end
+from model_store.engines.vllm_engine import VLLMEngine, _fastest_path
 from model_store.generation import (
     Beam,
     BeamSearch,
@@ -279,3 +280,49 @@ def test_closed_vllm_engine_fails_loudly() -> None:
     handle.close()
     with pytest.raises(RuntimeError, match="closed"):
         handle.open(_prompts()[:1])
+
+
+@pytest.mark.slow
+def test_vllm_engine_core_driven_directly_equals_the_front_end(vllm_engine: VLLMEngine) -> None:
+    """The rows skip `LLM.generate` (the parity tests above run on this path), and give
+    the front end's own answers, one request or several hundred with padded candidates."""
+    assert vllm_engine.direct
+    assert vllm_engine.llm is not None
+    front_end = through_front_end(vllm_engine.llm)
+    prompts = [prompt_embeddings(p, vllm_engine.table) for p in _prompts()] * 60
+    rng = np.random.default_rng(3)
+    cands = [rng.choice(VOCAB, int(rng.integers(1, 128)), replace=False) for _ in prompts]
+    for (ids_f, lp_f), (ids_d, lp_d), c in zip(
+        front_end(prompts, cands), vllm_engine._generate(prompts, cands), cands, strict=True
+    ):
+        np.testing.assert_array_equal(ids_f[1:], c)
+        np.testing.assert_array_equal(ids_d[1 : len(c) + 1], c)
+        np.testing.assert_allclose(lp_d[1 : len(c) + 1], lp_f[1:], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_vllm_engine_core_failure_leaves_nothing_behind(
+    vllm_engine: VLLMEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A core that fails mid-call fails the call and its rows are aborted, so the next call
+    answers its own rows only; an engine whose core cannot be read at the opening probe
+    keeps `LLM.generate`."""
+    assert vllm_engine.llm is not None
+    driver = CoreDriver(vllm_engine.llm)
+    prompts = [prompt_embeddings(p, vllm_engine.table) for p in _prompts()]
+    cands = [np.arange(10, 20)] * len(prompts)
+    want = driver.generate(prompts, cands)
+    with monkeypatch.context() as m:
+        m.setattr(driver._core, "get_output", lambda: 1 / 0)  # the rows are added, never run
+        with pytest.raises(ZeroDivisionError):
+            driver.generate(prompts, cands)
+    scheduler = vllm_engine.llm.llm_engine.engine_core.engine_core.scheduler
+    assert not scheduler.has_unfinished_requests()
+    with monkeypatch.context() as m:
+        m.setattr(vllm_core, "_first_position", lambda lists: [])
+        engine_path, direct = _fastest_path(vllm_engine.llm, vllm_engine.table)
+        assert not direct
+    for (ids_w, lp_w), (ids_g, lp_g) in zip(want, driver.generate(prompts, cands), strict=True):
+        np.testing.assert_array_equal(ids_w[1:11], ids_g[1:11])
+        np.testing.assert_allclose(lp_w, lp_g, atol=1e-5)
+    assert engine_path(prompts[:1], cands[:1])[0][0][1:11].tolist() == list(range(10, 20))

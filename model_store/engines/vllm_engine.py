@@ -1,14 +1,15 @@
 """The in-process vLLM engine: a ``vllm.LLM`` inside this process scores the search's rows.
 
 Every live row becomes one ``prompt_embeds`` request that generates a single token and
-returns the log-probabilities of that row's candidates only, all rows of a level in one
-``generate`` call. Prefix caching serves the full 32-token blocks that rows share (the
-prompt's, for every beam of it), so a row recomputes only its last partial block.
+returns the log-probabilities of that row's candidates only, the rows of every search in
+one call, fed straight to vLLM's engine core (:mod:`~model_store.engines.vllm_core`).
+Prefix caching serves the full 32-token blocks that rows share (the prompt's, for every
+beam of it), so a row recomputes only its last partial block.
 """
 
 from __future__ import annotations
 
-import functools
+import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,10 +25,13 @@ from model_store.engines.base import (
     EmbeddingRows,
     load_input_embeddings,
 )
+from model_store.engines.vllm_core import CoreDriver, Generate, Logprobs, through_front_end
 from model_store.generation import Prompt, Session
 
 if TYPE_CHECKING:
-    from vllm import LLM, SamplingParams
+    from vllm import LLM
+
+log = logging.getLogger(__name__)
 
 _PROCESS_LOCK = threading.RLock()
 """vLLM keeps per-process state (the forward context of the running step, the distributed
@@ -87,6 +91,7 @@ class VLLMEngine(EmbeddingEngine):
         with _PROCESS_LOCK:
             self.llm: LLM | None = LLM(model=str(self.model_dir), **options)
             _open[0] += 1
+            self._generate, self.direct = _fastest_path(self.llm, self.table)
             if warmup:
                 self.warm()
 
@@ -94,13 +99,13 @@ class VLLMEngine(EmbeddingEngine):
         """In-process: ready while not closed."""
         return self.llm is not None
 
-    def _require_llm(self) -> LLM:
+    def _require_generate(self) -> Generate:
         if self.llm is None:
             raise RuntimeError("the engine is closed")
-        return self.llm
+        return self._generate
 
     def open(self, prompts: Sequence[Prompt]) -> VLLMSession:
-        return VLLMSession(self._require_llm(), self.table, self.embed(prompts))
+        return VLLMSession(self._require_generate(), self.table, self.embed(prompts))
 
     def score_sessions(
         self, asks: Sequence[tuple[Session, Sequence[np.ndarray]]]
@@ -111,7 +116,7 @@ class VLLMEngine(EmbeddingEngine):
             if not isinstance(session, VLLMSession):
                 raise TypeError("a session of another engine")
             batches.append(session.requests(candidates))
-        return _generate_all(self._require_llm(), batches)
+        return _generate_all(self._require_generate(), batches)
 
     def close(self) -> None:
         """Shuts the engine core down (and its worker processes when multiprocessing)."""
@@ -139,6 +144,29 @@ def pin_threads(threads: int) -> None:
     torch._C.set_num_threads(threads)
 
 
+def _fastest_path(llm: LLM, table: torch.Tensor) -> tuple[Generate, bool]:
+    """The engine core driven directly when it answers a probe exactly as ``LLM.generate``
+    does; the front end otherwise (with a warning saying why)."""
+    front_end = through_front_end(llm)
+    vocab = int(table.shape[0])
+    probe, candidates = [table[: min(4, vocab)]], [np.arange(min(3, vocab))]
+    try:
+        direct = CoreDriver(llm).generate
+        want, got = front_end(probe, candidates)[0], direct(probe, candidates)[0]
+        n = len(candidates[0]) + 1
+        if np.array_equal(want[0][1:n], got[0][1:n]) and np.allclose(
+            want[1][1:n], got[1][1:n], atol=1e-5
+        ):
+            return direct, True
+        reason = f"its log-probs differ: {got[1][1:n]} against {want[1][1:n]}"
+    except Exception as e:  # another vLLM version: keep the public path
+        reason = f"{type(e).__name__}: {e}"
+    log.warning(
+        "vLLM's engine core is not driven directly (%s): rows go through LLM.generate", reason
+    )
+    return front_end, False
+
+
 def _shutdown(client: Any, others_open: bool) -> None:
     """Shuts one engine core down. An in-process core's shutdown also tears down vLLM's
     process-wide distributed state, which every other in-process engine shares (a gateway
@@ -157,48 +185,25 @@ def _shutdown(client: Any, others_open: bool) -> None:
     core.scheduler.shutdown()
 
 
-def _sampling_params(candidates: np.ndarray) -> SamplingParams:
-    """Greedy single-token request reporting the raw log-probs of `candidates` (≤ 128).
-
-    A trie node's children are the same candidates in every search, so the parameters are
-    made once per candidate set (vLLM copies them per request)."""
-    return _params_for(np.ascontiguousarray(candidates, dtype=np.int64).tobytes())
-
-
-@functools.lru_cache(maxsize=1 << 14)
-def _params_for(candidates: bytes) -> SamplingParams:
-    from vllm import SamplingParams
-
-    return SamplingParams(
-        max_tokens=1,
-        temperature=0.0,
-        logprob_token_ids=np.frombuffer(candidates, dtype=np.int64).tolist(),
-        detokenize=False,
-        flat_logprobs=True,  # a few flat lists per request instead of one object per token
-        skip_clone=True,
-    )
-
-
 @dataclass
 class _Requests:
     """The vLLM requests of one session's rows: a row with more candidates than vLLM's cap
     of 128 `logprob_token_ids` becomes several requests over the same embeddings."""
 
     rows: int
-    prompts: list[Any] = field(default_factory=list)
-    params: list[SamplingParams] = field(default_factory=list)
+    prompts: list[torch.Tensor] = field(default_factory=list)
     pieces: list[tuple[int, np.ndarray]] = field(default_factory=list)  # (row, candidates)
 
-    def answers(self, outputs: Sequence[Any]) -> list[np.ndarray]:
+    def answers(self, outputs: Sequence[Logprobs]) -> list[np.ndarray]:
         parts: list[list[np.ndarray]] = [[] for _ in range(self.rows)]
-        for (r, piece), output in zip(self.pieces, outputs, strict=True):
-            parts[r].append(_candidate_logprobs(output.outputs[0].logprobs, piece))
+        for (r, piece), (ids, values) in zip(self.pieces, outputs, strict=True):
+            parts[r].append(_candidate_logprobs(ids, values, piece))
         return [np.concatenate(p) if p else np.zeros(0, dtype=np.float32) for p in parts]
 
 
-def _generate_all(llm: LLM, batches: Sequence[_Requests]) -> list[list[np.ndarray]]:
-    """Every batch's requests in one `generate` call (one scheduler pass and one forward per
-    step for all of them), answers split back per batch.
+def _generate_all(generate: Generate, batches: Sequence[_Requests]) -> list[list[np.ndarray]]:
+    """Every batch's requests in one call (one scheduler pass and one forward per step for
+    all of them), answers split back per batch.
 
     (A request with `logprobs=-1` cannot share the call: when any request in a batch sets
     `logprob_token_ids`, vLLM 0.32's sampler returns those for every request.)
@@ -206,9 +211,9 @@ def _generate_all(llm: LLM, batches: Sequence[_Requests]) -> list[list[np.ndarra
     prompts = [p for b in batches for p in b.prompts]
     if not prompts:
         return [b.answers([]) for b in batches]
-    params = [p for b in batches for p in b.params]
+    candidates = [piece for b in batches for _, piece in b.pieces]
     with _PROCESS_LOCK:
-        outputs = llm.generate(prompts, params, use_tqdm=False)
+        outputs = generate(prompts, candidates)
     answers, start = [], 0
     for b in batches:
         answers.append(b.answers(outputs[start : start + len(b.prompts)]))
@@ -219,9 +224,11 @@ def _generate_all(llm: LLM, batches: Sequence[_Requests]) -> list[list[np.ndarra
 class VLLMSession(EmbeddingRows):
     """A search's rows, each scored as vLLM requests over its prompt embeddings."""
 
-    def __init__(self, llm: LLM, table: torch.Tensor, prompts: list[torch.Tensor]) -> None:
+    def __init__(
+        self, generate: Generate, table: torch.Tensor, prompts: list[torch.Tensor]
+    ) -> None:
         super().__init__(table, prompts)
-        self._llm = llm
+        self._generate = generate
 
     def requests(self, candidates: Sequence[np.ndarray]) -> _Requests:
         wanted = self._checked(candidates)
@@ -233,29 +240,24 @@ class VLLMSession(EmbeddingRows):
             embeds = row_embeddings(r)
             for start in range(0, len(cands), MAX_LOGPROB_TOKEN_IDS):
                 piece = cands[start : start + MAX_LOGPROB_TOKEN_IDS]
-                batch.prompts.append({"prompt_embeds": embeds})
-                batch.params.append(_sampling_params(piece))
+                batch.prompts.append(embeds)
                 batch.pieces.append((r, piece))
         return batch
 
     def logprobs(self, candidates: Sequence[np.ndarray]) -> list[np.ndarray]:
         """One `generate` call for all rows."""
-        return _generate_all(self._llm, [self.requests(candidates)])[0]
+        return _generate_all(self._generate, [self.requests(candidates)])[0]
 
 
-def _candidate_logprobs(logprobs: Any, candidates: np.ndarray) -> np.ndarray:
-    """Candidates' log-probs from the first generated position of a vLLM output.
+def _candidate_logprobs(ids: np.ndarray, values: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """Candidates' log-probs from the first generated position of a request.
 
-    With `logprob_token_ids` the entries are [sampled token, *candidates in request order];
-    anything else is matched by token id.
+    With `logprob_token_ids` the entries are [sampled token, *candidates in request order]
+    (the engine core's rows padded beyond); anything else is matched by token id.
     """
-    if logprobs is None or len(logprobs) == 0:
-        raise RuntimeError("vLLM returned no log-probabilities")
-    start, end = logprobs.start_indices[0], logprobs.end_indices[0]
-    ids = np.asarray(logprobs.token_ids[start:end], dtype=np.int64)
-    values = np.asarray(logprobs.logprobs[start:end], dtype=np.float32)
-    if len(ids) == len(candidates) + 1 and np.array_equal(ids[1:], candidates):
-        return values[1:]
+    n = len(candidates) + 1
+    if len(ids) >= n and np.array_equal(ids[1:n], candidates):
+        return values[1:n]
     found = dict(zip(ids.tolist(), values.tolist(), strict=True))
     missing = [int(c) for c in candidates if int(c) not in found]
     if missing:

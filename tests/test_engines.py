@@ -8,6 +8,7 @@ live row, whatever the padding, soft rows and beam reordering.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -326,3 +327,21 @@ def test_vllm_engine_core_failure_leaves_nothing_behind(
         np.testing.assert_array_equal(ids_w[1:11], ids_g[1:11])
         np.testing.assert_allclose(lp_w, lp_g, atol=1e-5)
     assert engine_path(prompts[:1], cands[:1])[0][0][1:11].tolist() == list(range(10, 20))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile on a CPU needs g++")
+def test_compiled_vllm_engine_matches_torch(
+    model_dir: Path, torch_engine: TorchEngine, vllm_engine: VLLMEngine
+) -> None:
+    """`GENREC_ENGINE_COMPILE`: the compiled model ranks the same items, beside an eager
+    engine in the same process (which still answers after)."""
+    prompts = _prompts()
+    trie = _trie()
+    expected = beam_search(torch_engine, prompts, trie, LAYOUT, 10)
+    with VLLMEngine(model_dir, enforce_eager=False) as compiled:
+        got = beam_search(compiled, prompts, trie, LAYOUT, 10)
+    after = beam_search(vllm_engine, prompts, trie, LAYOUT, 10)
+    for g, a, e in zip(got, after, expected, strict=True):
+        assert [b.item for b in g] == [b.item for b in a] == [b.item for b in e]
+        np.testing.assert_allclose([b.logprob for b in g], [b.logprob for b in e], atol=1e-3)

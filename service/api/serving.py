@@ -132,6 +132,7 @@ def open_serving_engine(settings: Settings, bundle: Bundle) -> Engine:
             bundle.llm_dir,
             kv_cache_gib=settings.kv_cache_gib,
             threads=settings.engine_threads,
+            enforce_eager=not settings.engine_compile,
         )
     urls = settings.engine_urls or [settings.engine_url]
     engine = open_engine(

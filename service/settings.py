@@ -67,8 +67,8 @@ class Settings(BaseSettings):
     )
     engine_compile: bool = Field(
         False,
-        description="Compile the in-process engine's model (vLLM's torch.compile): a fifth "
-        "less CPU per search here, a longer start; on a CPU it needs a C++ compiler.",
+        description="Compile the in-process engine's model (vLLM's torch.compile): faster "
+        "alone, slower with busy cores on a CPU, a longer start; a CPU needs a C++ compiler.",
     )
     beam_width: int = Field(
         20, ge=1, le=256, description="Beams (distinct candidates) per request."

@@ -226,7 +226,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     # LLM.beam_search asks for 2 * width log-probs per step, above vLLM's default cap of 20.
     # vLLM's beam search detokenises: this engine keeps a tokenizer the gateway's does not
-    # load (ours then pays its per-request EOS lookup too: the ratio is conservative).
+    # load (ours feeds the engine core directly, so the tokenizer costs it nothing).
     engine = open_vllm(
         bundle, args.kv_cache_gib, max_logprobs=max(20, 2 * args.beam), skip_tokenizer_init=False
     )

@@ -243,6 +243,10 @@ class Facet:
     def codes_of(self, item: int) -> np.ndarray:
         return self.codes[int(self.code_offsets[item]) : int(self.code_offsets[item + 1])]
 
+    def names_of(self, item: int) -> tuple[str, ...]:
+        name = self.name
+        return tuple(name(c) for c in self.codes_of(item).tolist())
+
     def name(self, code: int) -> str:
         return self._name_list[code] if self._name_list is not None else self.names[code]
 
@@ -271,8 +275,7 @@ class FacetValues(Sequence[tuple[str, ...]]):
     def __getitem__(self, i: int | slice) -> tuple[str, ...] | list[tuple[str, ...]]:
         if isinstance(i, slice):
             return [self[j] for j in range(*i.indices(len(self)))]
-        i = _row(i, len(self))
-        return tuple(self._facet.name(int(c)) for c in self._facet.codes_of(i))
+        return self._facet.names_of(_row(i, len(self)))
 
 
 class FacetValue(Sequence[str]):

@@ -96,8 +96,8 @@ def _matches(item: int, facts: ItemFacts, genres: frozenset[str], creators: froz
     """What in the sets `item` matches (for `why`), or None."""
     if item in items:
         return "this item"
-    hit = next((g for g in facts.genres[item] if g in genres), None)
-    if hit is not None:
+    hit = next((g for g in facts.genres[item] if g in genres), None) if genres else None
+    if hit is not None or not creators:
         return hit
     creator = facts.creators[item]
     return creator if creator and creator in creators else None
@@ -110,7 +110,9 @@ def taste(cands: Sequence[Candidate], req: RuleInput, facts: ItemFacts) -> list[
     middle: list[Candidate] = []
     behind: list[Candidate] = []
     for c in cands:
-        if c.item in t.forget_items or any(g in t.forget_genres for g in facts.genres[c.item]):
+        if c.item in t.forget_items or (
+            t.forget_genres and any(g in t.forget_genres for g in facts.genres[c.item])
+        ):
             continue
         if why := _matches(c.item, facts, t.less_genres, t.less_creators, t.less_items):
             behind.append(replace(c, why=f"{c.why}; demoted: less {why}"))

@@ -114,11 +114,11 @@ def _shown(history: Sequence[int], edits: TasteEdits, catalog: Catalog) -> list[
     """The history without forgotten items and genres, in order (a prefix of the history
     gives a prefix of the prompt's)."""
     forgotten = set(catalog.indices(edits.forget.items))
+    shown = [int(i) for i in history if int(i) not in forgotten]
     forgotten_genres = set(edits.forget.genres)
-    return [
-        int(i) for i in history
-        if int(i) not in forgotten and not forgotten_genres & set(catalog.genres[int(i)])
-    ]  # fmt: skip
+    if not forgotten_genres:  # most users: no genre to look up for each item of a long history
+        return shown
+    return [i for i in shown if not forgotten_genres & set(catalog.genres[i])]
 
 
 # ---------------------------------------------------------------------------- facets

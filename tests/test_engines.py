@@ -11,6 +11,7 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -305,17 +306,18 @@ def test_vllm_engine_core_driven_directly_equals_the_front_end(vllm_engine: VLLM
 def test_vllm_engine_core_failure_leaves_nothing_behind(
     vllm_engine: VLLMEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A core that fails mid-call fails the call and its rows are aborted, so the next call
-    answers its own rows only; an engine whose core cannot be read at the opening probe
+    """A core that stops answering mid-call fails the call and its rows are aborted, so the
+    next call answers its own rows only; an engine whose core cannot be read at the opening probe
     keeps `LLM.generate`."""
     assert vllm_engine.llm is not None
     driver = CoreDriver(vllm_engine.llm)
     prompts = [prompt_embeddings(p, vllm_engine.table) for p in _prompts()]
     cands = [np.arange(10, 20)] * len(prompts)
     want = driver.generate(prompts, cands)
-    with monkeypatch.context() as m:
-        m.setattr(driver._core, "get_output", lambda: 1 / 0)  # the rows are added, never run
-        with pytest.raises(ZeroDivisionError):
+    with monkeypatch.context() as m:  # the rows are added, the core never answers
+        m.setattr(driver._core, "get_output", lambda: SimpleNamespace(outputs=[]))
+        m.setattr(vllm_core, "MAX_IDLE_STEPS", 3)
+        with pytest.raises(RuntimeError, match="stopped answering"):
             driver.generate(prompts, cands)
     scheduler = vllm_engine.llm.llm_engine.engine_core.engine_core.scheduler
     assert not scheduler.has_unfinished_requests()

@@ -86,6 +86,11 @@ def _flat(logprobs: Any) -> Logprobs:
     )
 
 
+MAX_IDLE_STEPS = 10_000
+"""Engine-core steps in a row without any output before a call gives up (a request the
+scheduler can never run would otherwise keep the engine thread spinning)."""
+
+
 class CoreDriver:
     """Feeds single-token prompt-embeddings requests to an ``LLM``'s engine core directly.
 
@@ -115,20 +120,25 @@ class CoreDriver:
         self, prompts: Sequence[torch.Tensor], candidates: Sequence[np.ndarray]
     ) -> list[Logprobs]:
         names = [f"row-{next(self._ids)}" for _ in prompts]
-        now = time.time()
-        for name, embeds, cands in zip(names, prompts, candidates, strict=True):
-            request = msgspec.structs.replace(
-                self._template(_key(cands)),
-                request_id=name,
-                external_req_id=name,
-                prompt_embeds=embeds,
-                arrival_time=now,
-            )
-            self._core.add_request(request)
         wanted, found = set(names), dict[str, Logprobs]()
+        now, idle = time.time(), 0
         try:
+            for name, embeds, cands in zip(names, prompts, candidates, strict=True):
+                self._core.add_request(
+                    msgspec.structs.replace(
+                        self._template(_key(cands)),
+                        request_id=name,
+                        external_req_id=name,
+                        prompt_embeds=embeds,
+                        arrival_time=now,
+                    )
+                )
             while len(found) < len(names):
-                for out in self._core.get_output().outputs:
+                outputs = self._core.get_output().outputs
+                idle = 0 if outputs else idle + 1
+                if idle > MAX_IDLE_STEPS:
+                    raise RuntimeError("vLLM's engine core stopped answering")
+                for out in outputs:
                     if out.finished and out.request_id in wanted:
                         found[out.request_id] = _first_position(out.new_logprobs)
         finally:

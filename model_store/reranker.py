@@ -124,35 +124,35 @@ def base_score(base: Mapping[str, float], features: np.ndarray) -> np.ndarray:
 
 
 class _Stacked(NamedTuple):
-    """Training groups as one matrix: rows (as given), their 0/1 labels, each row's group."""
+    """Training groups as one matrix: rows (as given), their 0/1 labels, each row's group,
+    and the row of its group's positive (found once: the base's grid ranks many scores)."""
 
     x: np.ndarray
     labels: np.ndarray
     group: np.ndarray
     sizes: list[int]
+    positive_row: np.ndarray
 
     @classmethod
     def of(cls, groups: Sequence[tuple[np.ndarray, np.ndarray]]) -> _Stacked:
         sizes = [len(labels) for _, labels in groups]
-        return cls(
-            np.concatenate([x for x, _ in groups]),
-            np.concatenate([labels for _, labels in groups]),
-            np.repeat(np.arange(len(groups)), sizes),
-            sizes,
-        )
+        labels = np.concatenate([labels for _, labels in groups])
+        group = np.repeat(np.arange(len(groups)), sizes)
+        positive = labels.astype(bool)
+        where = np.empty(len(groups), dtype=np.int64)
+        where[group[positive]] = np.flatnonzero(positive)
+        x = np.concatenate([x for x, _ in groups])
+        return cls(x, labels, group, sizes, where[group])
 
     def ndcg(self, scores: np.ndarray) -> float:
         """Mean NDCG@10 over the groups, each with exactly one positive (candidates are
         distinct items); a candidate tied with the positive ranks ahead when it comes first."""
-        n, positive = len(self.sizes), self.labels.astype(bool)
-        where = np.empty(n, dtype=np.int64)
-        where[self.group[positive]] = np.flatnonzero(positive)
-        target = scores[where][self.group]
+        target = scores[self.positive_row]
         ahead = (scores > target) | (
-            (scores == target) & (np.arange(len(scores)) < where[self.group])
+            (scores == target) & (np.arange(len(scores)) < self.positive_row)
         )
-        ranks = np.bincount(self.group, weights=ahead, minlength=n).astype(np.int64)
-        return metrics.ndcg(ranks, 10)
+        ranks = np.bincount(self.group, weights=ahead, minlength=len(self.sizes))
+        return metrics.ndcg(ranks.astype(np.int64), 10)
 
 
 def fit_base(

@@ -96,9 +96,12 @@ def _matches(item: int, facts: ItemFacts, genres: frozenset[str], creators: froz
     """What in the sets `item` matches (for `why`), or None."""
     if item in items:
         return "this item"
-    hit = next((g for g in facts.genres[item] if g in genres), None) if genres else None
-    if hit is not None or not creators:
-        return hit
+    if genres:  # an empty set needs no lookup (most users edit nothing)
+        hit = next((g for g in facts.genres[item] if g in genres), None)
+        if hit is not None:
+            return hit
+    if not creators:
+        return None
     creator = facts.creators[item]
     return creator if creator and creator in creators else None
 

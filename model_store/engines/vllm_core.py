@@ -2,8 +2,8 @@
 
 A search's rows are alike: prompt embeddings, one generated token, and one of a few
 parameter sets (a trie node's children). ``LLM.generate`` still renders every row, validates
-and copies its parameters, builds a ``RequestOutput`` for it and detokenises nothing: a fifth
-of a search's CPU time on a small model, paid per row under the gateway's GIL.
+and copies its parameters and builds a ``RequestOutput`` for it: a fifth of a search's CPU
+time on a small model, paid per row under the gateway's GIL.
 :class:`CoreDriver` builds one engine-core request per parameter set through vLLM's own input
 processor (so validation and defaults stay vLLM's), then per row only swaps in the row's id
 and embeddings, hands it to the engine core and reads the candidates' log-probs from the
@@ -102,13 +102,13 @@ class CoreDriver:
         self._engine = llm.llm_engine
         self._core = self._engine.engine_core
         self._ids = itertools.count()
+        self._placeholder = torch.zeros(1, int(self._engine.model_config.get_hidden_size()))
         self._template = functools.lru_cache(maxsize=templates)(self._make_template)
 
     def _make_template(self, candidates: bytes) -> Any:
         """A request for `candidates` as vLLM's input processor makes it (parameters checked,
         defaults applied), over a one-row placeholder that every row replaces."""
-        hidden = int(self._engine.model_config.get_hidden_size())
-        placeholder: Any = {"prompt_embeds": torch.zeros(1, hidden)}
+        placeholder: Any = {"prompt_embeds": self._placeholder}
         return self._engine.input_processor.process_inputs(
             "template",
             placeholder,

@@ -12,6 +12,7 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ from loadtest.bench_engines import save_random_qwen2
 from model_store.engines import open_engine, vllm_core
 from model_store.engines.base import prompt_embeddings
 from model_store.engines.torch_engine import TorchEngine
-from model_store.engines.vllm_core import CoreDriver, through_front_end
+from model_store.engines.vllm_core import CoreDriver, PromptBlockHashes, through_front_end
 from model_store.engines.vllm_engine import VLLMEngine, _fastest_path
 from model_store.generation import (
     Beam,
@@ -90,6 +91,8 @@ def _prompts(seed: int = 0) -> list[Prompt]:
         Prompt((2, *words(5), USER, *words(17), USER, 1), soft(2), USER),
         Prompt((USER,), soft(1), USER),
         Prompt((2, *words(30))),
+        Prompt((2, USER, *words(68)), soft(1), USER),  # two KV blocks, rows fill no third
+        Prompt((USER, *words(62)), soft(1), USER),  # rows past the first level fill a second
     ]
 
 
@@ -188,13 +191,15 @@ def test_search_in_chunks_equals_one_search(torch_engine: TorchEngine) -> None:
     whole = beam_search(torch_engine, prompts, trie, LAYOUT, 7)
     stats = SearchStats()
     chunked = search_in_chunks(torch_engine, prompts, trie, LAYOUT, 7, chunk=3, stats=stats)
-    assert 0 < stats.engine_calls <= 4 * trie.levels  # rows without a choice are not scored
+    chunks = -(-len(prompts) // 3)
+    assert 0 < stats.engine_calls <= chunks * trie.levels  # rows without a choice: not scored
     assert [[b.item for b in r] for r in chunked] == [[b.item for b in r] for r in whole]
     for r_chunk, r_whole in zip(chunked, whole, strict=True):
         np.testing.assert_allclose(
             [b.logprob for b in r_chunk], [b.logprob for b in r_whole], atol=1e-4
         )
-    assert [b.item for b in whole[0]] == [b.item for b in whole[5]]  # padding-independent
+    twin = len(prompts) // 2
+    assert [b.item for b in whole[0]] == [b.item for b in whole[twin]]  # padding-independent
 
 
 def test_open_engine_rejects_unknown_kind(model_dir: Path) -> None:
@@ -291,15 +296,44 @@ def test_vllm_engine_core_driven_directly_equals_the_front_end(vllm_engine: VLLM
     assert vllm_engine.direct
     assert vllm_engine.llm is not None
     front_end = through_front_end(vllm_engine.llm)
-    prompts = [prompt_embeddings(p, vllm_engine.table) for p in _prompts()] * 60
+    table = vllm_engine.table
+    rows = [(prompt_embeddings(p, table), table[:level]) for p in _prompts() for level in range(3)]
+    rows = rows * 20
     rng = np.random.default_rng(3)
-    cands = [rng.choice(VOCAB, int(rng.integers(1, 128)), replace=False) for _ in prompts]
+    cands = [rng.choice(VOCAB, int(rng.integers(1, 128)), replace=False) for _ in rows]
     for (ids_f, lp_f), (ids_d, lp_d), c in zip(
-        front_end(prompts, cands), vllm_engine._generate(prompts, cands), cands, strict=True
+        front_end(rows, cands), vllm_engine._generate(rows, cands), cands, strict=True
     ):
         np.testing.assert_array_equal(ids_f[1:], c)
         np.testing.assert_array_equal(ids_d[1 : len(c) + 1], c)
         np.testing.assert_allclose(lp_d[1 : len(c) + 1], lp_f[1:], atol=1e-5)
+
+
+@pytest.mark.slow
+def test_rows_of_a_prompt_share_its_block_hashes(vllm_engine: VLLMEngine) -> None:
+    """vLLM hashes a prompt's KV blocks once for all its rows (the first row's hashes
+    serve the others), and only where a row's own tokens fill no block."""
+    core = vllm_engine.llm.llm_engine.engine_core.engine_core  # type: ignore[union-attr]
+    hashes = core.request_block_hasher
+    assert isinstance(hashes, PromptBlockHashes)
+    inner, fresh = hashes._inner, []
+
+    def counted(request: Any) -> list[Any]:
+        if not request.block_hashes:
+            fresh.append(request.num_tokens)
+        return inner(request)
+
+    table = vllm_engine.table
+    long, short = (prompt_embeddings(p, table) for p in _prompts()[-2:])  # 70 and 63 tokens
+    rows = [(p, table[:level]) for p in (long, short) for level in range(3)] * 2
+    cands = [np.arange(10, 20)] * len(rows)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(hashes, "_inner", counted)
+        got = vllm_engine._generate(rows, cands)
+    assert fresh == [70, 63, 64, 65, 64, 65]  # the long prompt's first row; every row past a block
+    want = through_front_end(vllm_engine.llm)(rows, cands)
+    for (_, lp_w), (_, lp_g) in zip(want, got, strict=True):
+        np.testing.assert_allclose(lp_g[1:11], lp_w[1:11], atol=1e-5)
 
 
 @pytest.mark.slow
@@ -311,7 +345,8 @@ def test_vllm_engine_core_failure_leaves_nothing_behind(
     keeps `LLM.generate`."""
     assert vllm_engine.llm is not None
     driver = CoreDriver(vllm_engine.llm)
-    prompts = [prompt_embeddings(p, vllm_engine.table) for p in _prompts()]
+    table = vllm_engine.table
+    prompts = [(prompt_embeddings(p, table), table[:0]) for p in _prompts()]
     cands = [np.arange(10, 20)] * len(prompts)
     want = driver.generate(prompts, cands)
     with monkeypatch.context() as m:  # the rows are added, the core never answers

@@ -51,6 +51,17 @@ def prompt_embeddings(prompt: Prompt, table: torch.Tensor) -> torch.Tensor:
     return out
 
 
+Row = tuple[torch.Tensor, torch.Tensor]
+"""A row's input embeddings: its prompt's (the same tensor for every row of one prompt),
+then its own SID tokens' (none at the first level)."""
+
+
+def embeddings(row: Row) -> torch.Tensor:
+    """A row's whole input, its prompt and then its own tokens."""
+    prompt, own = row
+    return torch.cat([prompt, own]) if len(own) else prompt
+
+
 class EngineError(RuntimeError):
     """The server could not give scores: unreachable, timed out, HTTP error or bad reply.
 
@@ -129,10 +140,10 @@ class EmbeddingRows:
             raise ValueError(f"{len(candidates)} candidate lists for {self.rows} rows")
         return [np.asarray(c, dtype=np.int64) for c in candidates]
 
-    def _row_embeddings(self) -> Callable[[int], torch.Tensor]:
+    def _row_inputs(self) -> Callable[[int], Row]:
         """Row r's input: its prompt's embeddings, then its SID tokens' embeddings."""
         suffix = self._table[torch.from_numpy(self._tokens)]  # (rows, level, hidden)
-        return lambda r: torch.cat([self._prompts[self._owner[r]], suffix[r]])
+        return lambda r: (self._prompts[self._owner[r]], suffix[r])
 
     def extend(self, parents: np.ndarray, tokens: np.ndarray) -> None:
         parents = np.asarray(parents, dtype=np.int64)

@@ -37,6 +37,7 @@ from model_store.engines.base import (
     EmbeddingEngine,
     EmbeddingRows,
     EngineError,
+    embeddings,
     load_input_embeddings,
 )
 from model_store.engines.replicas import (
@@ -374,12 +375,12 @@ class RemoteSession(EmbeddingRows):
             [np.zeros(0, np.float32)] * -(-len(c) // MAX_LOGPROB_TOKEN_IDS) for c in wanted
         ]
         if groups:
-            row_embeddings = self._row_embeddings()
+            row_inputs = self._row_inputs()
             encoded: dict[int, str] = {}
 
             def encode(r: int) -> str:
                 if r not in encoded:
-                    encoded[r] = encode_embeddings(row_embeddings(r))
+                    encoded[r] = encode_embeddings(embeddings(row_inputs(r)))
                 return encoded[r]
 
             size = self._engine.max_prompts_per_request

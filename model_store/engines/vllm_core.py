@@ -14,15 +14,19 @@ falls back to the front end when they differ (another vLLM version may shape the
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import time
-from collections.abc import Callable, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 import numpy as np
 import torch
+
+from model_store.engines.base import Row, embeddings
 
 if TYPE_CHECKING:
     from vllm import LLM, SamplingParams
@@ -31,8 +35,8 @@ Logprobs = tuple[np.ndarray, np.ndarray]
 """A request's first position: (token ids, log-probs), the sampled token first, then the
 requested candidates (in request order when vLLM keeps it)."""
 
-Generate = Callable[[Sequence[torch.Tensor], Sequence[np.ndarray]], list[Logprobs]]
-"""Scores single-token requests, each its prompt embeddings and the candidates (at most
+Generate = Callable[[Sequence[Row], Sequence[np.ndarray]], list[Logprobs]]
+"""Scores single-token requests, each its row and the candidates (at most
 :data:`~model_store.engines.base.MAX_LOGPROB_TOKEN_IDS`) whose log-probs it reports."""
 
 
@@ -65,10 +69,8 @@ def _params_for(candidates: bytes) -> SamplingParams:
 def through_front_end(llm: LLM) -> Generate:
     """The public path: one ``LLM.generate`` call for all requests."""
 
-    def generate(
-        prompts: Sequence[torch.Tensor], candidates: Sequence[np.ndarray]
-    ) -> list[Logprobs]:
-        inputs: list[Any] = [{"prompt_embeds": p} for p in prompts]
+    def generate(rows: Sequence[Row], candidates: Sequence[np.ndarray]) -> list[Logprobs]:
+        inputs: list[Any] = [{"prompt_embeds": embeddings(r)} for r in rows]
         params = [sampling_params(c) for c in candidates]
         outputs = llm.generate(inputs, params, use_tqdm=False)
         return [_flat(o.outputs[0].logprobs) for o in outputs]
@@ -101,6 +103,7 @@ class CoreDriver:
     def __init__(self, llm: LLM, templates: int = 1 << 14) -> None:
         self._engine = llm.llm_engine
         self._core = self._engine.engine_core
+        self._hashes = PromptBlockHashes.install(self._core)
         self._ids = itertools.count()
         self._placeholder = torch.zeros(1, int(self._engine.model_config.get_hidden_size()))
         self._template = functools.lru_cache(maxsize=templates)(self._make_template)
@@ -116,23 +119,24 @@ class CoreDriver:
             supported_tasks=self._engine.get_supported_tasks(),
         )
 
-    def generate(
-        self, prompts: Sequence[torch.Tensor], candidates: Sequence[np.ndarray]
-    ) -> list[Logprobs]:
-        names = [f"row-{next(self._ids)}" for _ in prompts]
+    def generate(self, rows: Sequence[Row], candidates: Sequence[np.ndarray]) -> list[Logprobs]:
+        names = [f"row-{next(self._ids)}" for _ in rows]
         wanted, found = set(names), dict[str, Logprobs]()
         now, idle = time.time(), 0
         try:
-            for name, embeds, cands in zip(names, prompts, candidates, strict=True):
-                self._core.add_request(
-                    msgspec.structs.replace(
-                        self._template(_key(cands)),
-                        request_id=name,
-                        external_req_id=name,
-                        prompt_embeds=embeds,
-                        arrival_time=now,
-                    )
+            for name, row, cands in zip(names, rows, candidates, strict=True):
+                request = msgspec.structs.replace(
+                    self._template(_key(cands)),
+                    request_id=name,
+                    external_req_id=name,
+                    prompt_embeds=embeddings(row),
+                    arrival_time=now,
                 )
+                if self._hashes is None:
+                    self._core.add_request(request)
+                else:
+                    with self._hashes.adding(name, row[0]):
+                        self._core.add_request(request)
             while len(found) < len(names):
                 outputs = self._core.get_output().outputs
                 idle = 0 if outputs else idle + 1
@@ -145,6 +149,57 @@ class CoreDriver:
             if len(found) < len(names):  # an error on the way: leave nothing behind
                 self._core.abort_requests([n for n in names if n not in found])
         return [found[n] for n in names]
+
+
+class PromptBlockHashes:
+    """vLLM's block hasher, with the blocks of a prompt hashed once for all its rows.
+
+    With prompt embeddings, vLLM fingerprints every full KV-cache block of every request by
+    SHA-256 over the block's embeddings: ~60 µs of a row's ~300 here, though a search's rows
+    all begin with their prompt's blocks. A row whose full blocks lie within its prompt
+    (its own few tokens fill none) gets the hashes of the prompt's first such row: the same
+    bytes, hashed by vLLM's own function. Any other request is vLLM's to hash.
+    """
+
+    def __init__(self, inner: Callable[[Any], list[Any]], block_size: int) -> None:
+        self._inner = inner
+        self._block_size = block_size
+        self._adding: dict[str, torch.Tensor] = {}  # request id -> its prompt, while added
+        self._known: dict[int, list[Any]] = {}  # id of a live prompt -> its blocks' hashes
+
+    @classmethod
+    def install(cls, client: Any) -> PromptBlockHashes | None:
+        """The hasher of an in-process engine core (installed once per core); None when
+        the core is in another process or caches no prefixes."""
+        core: Any = getattr(client, "engine_core", None)
+        hasher = getattr(core, "request_block_hasher", None)
+        size = getattr(getattr(core, "scheduler", None), "hash_block_size", None)
+        if isinstance(hasher, cls):
+            return hasher
+        if hasher is None or not isinstance(size, int):
+            return None
+        installed = core.request_block_hasher = cls(hasher, size)
+        return installed
+
+    @contextlib.contextmanager
+    def adding(self, request_id: str, prompt: torch.Tensor) -> Iterator[None]:
+        """While `request_id` is added, its blocks are its prompt's."""
+        self._adding[request_id] = prompt
+        try:
+            yield
+        finally:
+            del self._adding[request_id]
+
+    def __call__(self, request: Any) -> list[Any]:
+        prompt = self._adding.get(request.request_id)
+        blocks = request.num_tokens // self._block_size
+        if prompt is None or request.block_hashes or blocks != len(prompt) // self._block_size:
+            return self._inner(request)
+        known = self._known.get(id(prompt))
+        if known is None:  # tensors compare by value, so they are keyed by id while alive
+            known = self._known[id(prompt)] = self._inner(request)
+            weakref.finalize(prompt, self._known.pop, id(prompt), None)
+        return list(known)
 
 
 def _first_position(lists: Any) -> Logprobs:

@@ -23,6 +23,7 @@ from model_store.engines.base import (
     MAX_LOGPROB_TOKEN_IDS,
     EmbeddingEngine,
     EmbeddingRows,
+    Row,
     load_input_embeddings,
 )
 from model_store.engines.vllm_core import CoreDriver, Generate, Logprobs, through_front_end
@@ -146,25 +147,33 @@ def pin_threads(threads: int) -> None:
 
 def _fastest_path(llm: LLM, table: torch.Tensor) -> tuple[Generate, bool]:
     """The engine core driven directly when it answers a probe exactly as ``LLM.generate``
-    does; the front end otherwise (with a warning saying why)."""
+    does; the front end otherwise (with a warning saying why). The probe's rows share a
+    prompt longer than a KV-cache block, as a search's rows do."""
     front_end = through_front_end(llm)
     vocab = int(table.shape[0])
-    probe, candidates = [table[: min(4, vocab)]], [np.arange(min(3, vocab))]
+    prompt = table[torch.arange(PROBE_TOKENS) % vocab]
+    probe: list[Row] = [(prompt, table[:0]), (prompt, table[:1]), (prompt, table[1:3])]
+    candidates = [np.arange(min(3, vocab))] * len(probe)
+    n = len(candidates[0]) + 1
     try:
         direct = CoreDriver(llm).generate
-        want, got = front_end(probe, candidates)[0], direct(probe, candidates)[0]
-        n = len(candidates[0]) + 1
-        if np.array_equal(want[0][1:n], got[0][1:n]) and np.allclose(
-            want[1][1:n], got[1][1:n], atol=1e-5
-        ):
-            return direct, True
-        reason = f"its log-probs differ: {got[1][1:n]} against {want[1][1:n]}"
+        for want, got in zip(front_end(probe, candidates), direct(probe, candidates), strict=True):
+            if not (
+                np.array_equal(want[0][1:n], got[0][1:n])
+                and np.allclose(want[1][1:n], got[1][1:n], atol=1e-5)
+            ):
+                raise ValueError(f"its log-probs differ: {got[1][1:n]} against {want[1][1:n]}")
+        return direct, True
     except Exception as e:  # another vLLM version: keep the public path
         reason = f"{type(e).__name__}: {e}"
     log.warning(
         "vLLM's engine core is not driven directly (%s): rows go through LLM.generate", reason
     )
     return front_end, False
+
+
+PROBE_TOKENS = 70
+"""The opening probe's prompt: longer than two KV-cache blocks of vLLM's usual sizes."""
 
 
 def _shutdown(client: Any, others_open: bool) -> None:
@@ -190,12 +199,12 @@ class _Requests:
     """The vLLM requests of one session's rows: a row with more candidates than vLLM's cap
     of 128 `logprob_token_ids` becomes several requests over the same embeddings."""
 
-    rows: int
-    prompts: list[torch.Tensor] = field(default_factory=list)
+    n_rows: int
+    rows: list[Row] = field(default_factory=list)
     pieces: list[tuple[int, np.ndarray]] = field(default_factory=list)  # (row, candidates)
 
     def answers(self, outputs: Sequence[Logprobs]) -> list[np.ndarray]:
-        parts: list[list[np.ndarray]] = [[] for _ in range(self.rows)]
+        parts: list[list[np.ndarray]] = [[] for _ in range(self.n_rows)]
         for (r, piece), (ids, values) in zip(self.pieces, outputs, strict=True):
             parts[r].append(_candidate_logprobs(ids, values, piece))
         return [np.concatenate(p) if p else np.zeros(0, dtype=np.float32) for p in parts]
@@ -208,16 +217,16 @@ def _generate_all(generate: Generate, batches: Sequence[_Requests]) -> list[list
     (A request with `logprobs=-1` cannot share the call: when any request in a batch sets
     `logprob_token_ids`, vLLM 0.32's sampler returns those for every request.)
     """
-    prompts = [p for b in batches for p in b.prompts]
-    if not prompts:
+    rows = [r for b in batches for r in b.rows]
+    if not rows:
         return [b.answers([]) for b in batches]
     candidates = [piece for b in batches for _, piece in b.pieces]
     with _PROCESS_LOCK:
-        outputs = generate(prompts, candidates)
+        outputs = generate(rows, candidates)
     answers, start = [], 0
     for b in batches:
-        answers.append(b.answers(outputs[start : start + len(b.prompts)]))
-        start += len(b.prompts)
+        answers.append(b.answers(outputs[start : start + len(b.rows)]))
+        start += len(b.rows)
     return answers
 
 
@@ -232,15 +241,15 @@ class VLLMSession(EmbeddingRows):
 
     def requests(self, candidates: Sequence[np.ndarray]) -> _Requests:
         wanted = self._checked(candidates)
-        row_embeddings = self._row_embeddings()
+        row_inputs = self._row_inputs()
         batch = _Requests(len(wanted))
         for r, cands in enumerate(wanted):
             if not len(cands):
                 continue
-            embeds = row_embeddings(r)
+            row = row_inputs(r)
             for start in range(0, len(cands), MAX_LOGPROB_TOKEN_IDS):
                 piece = cands[start : start + MAX_LOGPROB_TOKEN_IDS]
-                batch.prompts.append(embeds)
+                batch.rows.append(row)
                 batch.pieces.append((r, piece))
         return batch
 

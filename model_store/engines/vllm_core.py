@@ -103,7 +103,8 @@ class CoreDriver:
     def __init__(self, llm: LLM, templates: int = 1 << 14) -> None:
         self._engine = llm.llm_engine
         self._core = self._engine.engine_core
-        self._hashes = PromptBlockHashes.install(self._core)
+        hashes = PromptBlockHashes.install(self._core)
+        self._adding = hashes.adding if hashes is not None else _hashed_by_vllm
         self._ids = itertools.count()
         self._placeholder = torch.zeros(1, int(self._engine.model_config.get_hidden_size()))
         self._template = functools.lru_cache(maxsize=templates)(self._make_template)
@@ -132,11 +133,8 @@ class CoreDriver:
                     prompt_embeds=embeddings(row),
                     arrival_time=now,
                 )
-                if self._hashes is None:
+                with self._adding(name, row[0]):
                     self._core.add_request(request)
-                else:
-                    with self._hashes.adding(name, row[0]):
-                        self._core.add_request(request)
             while len(found) < len(names):
                 outputs = self._core.get_output().outputs
                 idle = 0 if outputs else idle + 1
@@ -192,14 +190,22 @@ class PromptBlockHashes:
 
     def __call__(self, request: Any) -> list[Any]:
         prompt = self._adding.get(request.request_id)
-        blocks = request.num_tokens // self._block_size
-        if prompt is None or request.block_hashes or blocks != len(prompt) // self._block_size:
+        if (
+            prompt is None
+            or request.block_hashes
+            or request.num_tokens // self._block_size != len(prompt) // self._block_size
+        ):
             return self._inner(request)
         known = self._known.get(id(prompt))
         if known is None:  # tensors compare by value, so they are keyed by id while alive
             known = self._known[id(prompt)] = self._inner(request)
             weakref.finalize(prompt, self._known.pop, id(prompt), None)
         return list(known)
+
+
+def _hashed_by_vllm(request_id: str, prompt: torch.Tensor) -> contextlib.nullcontext[None]:
+    """`PromptBlockHashes.adding` where none is installed: vLLM hashes every row itself."""
+    return contextlib.nullcontext()
 
 
 def _first_position(lists: Any) -> Logprobs:

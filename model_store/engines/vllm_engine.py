@@ -145,6 +145,10 @@ def pin_threads(threads: int) -> None:
     torch._C.set_num_threads(threads)
 
 
+PROBE_TOKENS = 70
+"""The opening probe's prompt: longer than two KV-cache blocks of vLLM's usual sizes."""
+
+
 def _fastest_path(llm: LLM, table: torch.Tensor) -> tuple[Generate, bool]:
     """The engine core driven directly when it answers a probe exactly as ``LLM.generate``
     does; the front end otherwise (with a warning saying why). The probe's rows share a
@@ -170,10 +174,6 @@ def _fastest_path(llm: LLM, table: torch.Tensor) -> tuple[Generate, bool]:
         "vLLM's engine core is not driven directly (%s): rows go through LLM.generate", reason
     )
     return front_end, False
-
-
-PROBE_TOKENS = 70
-"""The opening probe's prompt: longer than two KV-cache blocks of vLLM's usual sizes."""
 
 
 def _shutdown(client: Any, others_open: bool) -> None:

@@ -238,8 +238,7 @@ def build(
         collab = user_model.item_vectors(umodel)
         retrieval = user_model.retrieval_vectors(umodel)
     with timer.stage("semantic_ids"):
-        fused = _fused_vectors(content_vecs, collab, cfg)
-        sids = semantic_ids.assign_semantic_ids(fused, cfg.sid)
+        sids = semantic_ids.assign_semantic_ids(_fused_vectors(content_vecs, collab, cfg), cfg.sid)
         purity = semantic_ids.purity_report(sids.codes, list(ds.items["genres"]))
         sid_stats = {**sids.stats, **purity}
         trie = SIDTrie.build(sids.codes)
@@ -262,16 +261,10 @@ def build(
         if cfg.llm.sid_init == "codebooks":
             llm.init_sid_embeddings(model, vocab, sids.codebooks, cfg.llm.seed)
         hidden = int(model.config.hidden_size)
-        warm = cfg.llm.projector_init == "codebooks"
-        projector = Projector(cfg.user_model.dim, hidden, cfg.llm.n_soft, cfg.llm.soft_at, warm)
-        states = _states_per_position(umodel, plan.fit)
-        if warm:
-            block = slice(content_vecs.shape[1], fused.shape[1])  # the user-model vectors
-            sample = np.concatenate([s[1:] for s in states])  # row 0 is the empty history
-            llm.start_projector(projector, model, fused.shape[1], block, sample, cfg.llm.seed)
+        projector = Projector(cfg.user_model.dim, hidden, cfg.llm.n_soft, cfg.llm.soft_at)
         training = llm.TrainingData(
             train=plan.fit,
-            states=states,
+            states=_states_per_position(umodel, plan.fit),
             context=contexts,
             item_sid_ids=vocab.sid_ids(sids.codes),
             item_genres=list(ds.items["genres"]),

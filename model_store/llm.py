@@ -59,18 +59,12 @@ class LLMConfig:
     # soft and soft+prompt gained HR@30 on the test split, served unchanged; BENCHMARKS.md)
     # or at random, as bundles built before this field were
     sid_init: str = field(default="codebooks", metadata={"absent": "random"})
-    # the soft token starts where the user stands among the codebook-started SID tokens
-    # ("codebooks", `start_projector`) or as the projector's random MLP makes it
-    projector_init: str = field(default="random", metadata={"absent": "random"})
     seed: int = 0
 
     def __post_init__(self) -> None:
         checked_soft_at(self.soft_at)
-        for name in ("sid_init", "projector_init"):
-            if getattr(self, name) not in SID_INITS:
-                raise ValueError(f"{name} must be one of {SID_INITS}, got {getattr(self, name)!r}")
-        if self.projector_init == "codebooks" != self.sid_init:
-            raise ValueError("projector_init=codebooks needs sid_init=codebooks")
+        if self.sid_init not in SID_INITS:
+            raise ValueError(f"sid_init must be one of {SID_INITS}, got {self.sid_init!r}")
 
 
 SID_INITS = ("random", "codebooks")
@@ -83,8 +77,12 @@ def init_sid_embeddings(
     hidden size (distances kept, Johnson-Lindenstrauss), scaled to the embedding's own
     spread: codes near each other in the items' space start near each other (the LM head
     is tied, so they also start scored alike). The uniqueness level has no codebook."""
-    table = _embedding_table(model)
-    projection = _codebook_projection(codebooks.shape[2], int(table.shape[1]), seed)
+    table = model.get_input_embeddings().weight
+    if not isinstance(table, torch.Tensor):
+        raise TypeError("the model's input embedding has no weight matrix")
+    hidden = int(table.shape[1])
+    rng = np.random.default_rng(seed)
+    projection = rng.normal(0.0, 1.0, (codebooks.shape[2], hidden)) / np.sqrt(hidden)
     with torch.no_grad():
         spread = float(table.std())
         for level, book in enumerate(codebooks):
@@ -92,43 +90,6 @@ def init_sid_embeddings(
             rows *= spread / max(float(rows.std()), 1e-12)
             tokens = torch.from_numpy(vocab.layout.token(level, np.arange(len(book))))
             table[tokens] = torch.as_tensor(rows, dtype=table.dtype)
-
-
-def start_projector(
-    projector: Projector,
-    model: PreTrainedModel,
-    fused_dim: int,
-    collab: slice,
-    users: np.ndarray,
-    seed: int,
-) -> None:
-    """The soft token starts where its user stands among the SID tokens started by
-    `init_sid_embeddings` (same `seed`, so the same projection).
-
-    A user vector scores items by inner product with their user-model vectors, which are
-    the `collab` block of the fused space the codebooks were fitted in. Projected by that
-    block of the SID tokens' projection, the soft token's inner products with each code's
-    token start as the user's with the code's centroid (up to the projection's distortion);
-    `users` (a sample of user vectors) scale it to the embedding's own spread."""
-    table = _embedding_table(model)
-    block = _codebook_projection(fused_dim, int(table.shape[1]), seed)[collab]
-    if block.shape[0] != projector.user_dim:
-        raise ValueError(f"{block.shape[0]} collab rows for a user of {projector.user_dim}")
-    spread = float(table.detach().std())
-    projector.start_at(block * (spread / max(float((users @ block).std()), 1e-12)))
-
-
-def _embedding_table(model: PreTrainedModel) -> torch.Tensor:
-    table = model.get_input_embeddings().weight
-    if not isinstance(table, torch.Tensor):
-        raise TypeError("the model's input embedding has no weight matrix")
-    return table
-
-
-def _codebook_projection(dim: int, hidden: int, seed: int) -> np.ndarray:
-    """The one random projection from the items' fused space to the hidden size."""
-    rng = np.random.default_rng(seed)
-    return rng.normal(0.0, 1.0, (dim, hidden)) / np.sqrt(hidden)
 
 
 def new_model(vocab: Vocab, cfg: LLMConfig) -> Qwen2ForCausalLM:

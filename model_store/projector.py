@@ -21,38 +21,16 @@ class Projector(nn.Module):
     """User embedding → n soft-token embeddings in the LLM's hidden size, and where the
     prompts the LLM was trained on place them (`soft_at`, see `model_store.prompts`)."""
 
-    def __init__(
-        self, user_dim: int, hidden: int, n_soft: int, soft_at: str = "head", linear: bool = False
-    ) -> None:
+    def __init__(self, user_dim: int, hidden: int, n_soft: int, soft_at: str = "head") -> None:
         super().__init__()
         self.user_dim, self.hidden, self.n_soft = user_dim, hidden, n_soft
         self.soft_at = checked_soft_at(soft_at)
         self.net = nn.Sequential(
             nn.Linear(user_dim, 2 * hidden), nn.GELU(), nn.Linear(2 * hidden, hidden * n_soft)
         )
-        # A linear path beside the MLP, so the soft token can start as a chosen linear map of
-        # the user (`start_at`); projectors saved without it load without it.
-        self.linear = nn.Linear(user_dim, hidden * n_soft, bias=False) if linear else None
 
     def forward(self, user: torch.Tensor) -> torch.Tensor:
-        rows = self.net(user)
-        if self.linear is not None:
-            rows = rows + self.linear(user)
-        return rows.reshape(*user.shape[:-1], self.n_soft, self.hidden)
-
-    def start_at(self, matrix: np.ndarray) -> None:
-        """Every soft token starts as `user @ matrix` (user_dim, hidden): the linear path
-        takes `matrix` and the MLP's last layer starts at zero, to learn what it adds."""
-        if self.linear is None:
-            raise ValueError("a projector without its linear path")
-        if matrix.shape != (self.user_dim, self.hidden):
-            raise ValueError(f"matrix must be {(self.user_dim, self.hidden)}, got {matrix.shape}")
-        with torch.no_grad():
-            self.linear.weight.copy_(torch.from_numpy(np.tile(matrix, self.n_soft).T))
-            last = self.net[-1]
-            assert isinstance(last, nn.Linear)
-            last.weight.zero_()
-            last.bias.zero_()
+        return self.net(user).reshape(*user.shape[:-1], self.n_soft, self.hidden)
 
     def project(self, user: np.ndarray) -> np.ndarray:
         """Numpy in, numpy out: (user_dim,) → (n_soft, hidden); used per request online."""
@@ -67,7 +45,6 @@ def save_projector(projector: Projector, directory: Path) -> list[str]:
         "hidden": projector.hidden,
         "n_soft": projector.n_soft,
         "soft_at": projector.soft_at,
-        "linear": projector.linear is not None,
     }
     (directory / "projector.json").write_text(json.dumps(meta))
     return ["projector.safetensors", "projector.json"]
@@ -76,8 +53,7 @@ def save_projector(projector: Projector, directory: Path) -> list[str]:
 def load_projector(directory: Path) -> Projector:
     meta = json.loads((directory / "projector.json").read_text())
     soft_at = meta.get("soft_at", SOFT_AT_ABSENT)
-    linear = bool(meta.get("linear", False))
-    projector = Projector(meta["user_dim"], meta["hidden"], meta["n_soft"], soft_at, linear)
+    projector = Projector(meta["user_dim"], meta["hidden"], meta["n_soft"], soft_at)
     projector.load_state_dict(load_file(str(directory / "projector.safetensors")))
     projector.eval()
     return projector

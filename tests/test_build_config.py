@@ -39,19 +39,12 @@ def test_a_bad_setting_says_why(assignment: str, reason: str) -> None:
         override(PRESETS["full"], assignment)
 
 
-def test_the_projector_starts_among_the_codes_only_where_they_start_from_the_codebooks() -> None:
-    warm = override(PRESETS["full"], "llm.projector_init=codebooks")
-    with pytest.raises(ValueError, match="needs sid_init=codebooks"):
-        override(warm, "llm.sid_init=random")
-
-
 def test_a_manifest_config_comes_back_as_it_was_built() -> None:
     cfg = override(override(PRESETS["full"].with_seed(2), "llm.distill=0.25"), "llm.soft_at=now")
     stored = json.loads(json.dumps(cfg.to_dict()))  # as the manifest keeps it
     assert BuildConfig.from_dict(stored) == cfg
     del stored["llm"]["soft_at"]  # before it existed the soft token stood at the head
     del stored["llm"]["sid_init"]  # and the SID tokens started at random
-    del stored["llm"]["projector_init"]  # as did the projector
     before = replace(cfg.llm, soft_at="head", sid_init="random")
     assert BuildConfig.from_dict(stored) == replace(cfg, llm=before)
     del stored["llm"]["distill"]

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import itertools
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from model_store import llm
-from model_store.projector import Projector, load_projector, save_projector
 from model_store.semantic_ids import SIDConfig, assign_semantic_ids, purity_report
 from model_store.trie import SIDTrie
 from model_store.vocab import Vocab
@@ -159,27 +157,3 @@ def test_sid_tokens_can_start_from_the_codebooks() -> None:
         ratio = _distances(rows) / _distances(codebooks[level])
         assert ratio.std() / ratio.mean() < 0.25
         assert rows.std() == pytest.approx(float(before.std()), rel=1e-3)
-
-
-def test_the_soft_token_can_start_among_its_users_codes(tmp_path: Path) -> None:
-    """`llm.projector_init=codebooks`: at the start a soft token scores the first level's
-    codes as its user scores their centroids' user-model block (the codebooks' fused space
-    is [content | user-model vectors]); it keeps its linear path through save and load."""
-    rng = np.random.default_rng(0)
-    codebooks = rng.normal(size=(2, 8, 40)).astype(np.float32)
-    vocab = Vocab.build(["hello", "world"], [8, 8, 3])
-    model = llm.new_model(vocab, llm.LLMConfig(hidden=128, heads=4, layers=1, intermediate=64))
-    llm.init_sid_embeddings(model, vocab, codebooks, seed=0)
-    users = rng.normal(size=(500, 16)).astype(np.float32)
-    projector = Projector(16, 128, n_soft=2, linear=True)
-    llm.start_projector(projector, model, 40, slice(24, 40), users, seed=0)
-    table = model.get_input_embeddings().weight.detach().numpy()
-    codes = table[vocab.layout.token(0, np.arange(8))]
-    soft = np.stack([projector.project(u) for u in users])
-    wanted = users @ codebooks[0][:, 24:].T  # each user's inner products with the centroids
-    agree = [np.corrcoef(codes @ s[0], w)[0, 1] for s, w in zip(soft, wanted, strict=True)]
-    assert np.mean(agree) > 0.75
-    assert soft.std() == pytest.approx(table.std(), rel=0.05)
-    np.testing.assert_allclose(soft[:, 0], soft[:, 1])
-    save_projector(projector, tmp_path)
-    np.testing.assert_allclose(load_projector(tmp_path).project(users[0]), soft[0], rtol=1e-6)

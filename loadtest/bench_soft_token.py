@@ -8,6 +8,10 @@ carries the user, the LLM agrees with the user model far more with the user's ow
 than with another's. Run it on a `--holdout validation` bundle while tuning:
 
     python -m loadtest.bench_soft_token --bundle /tmp/val/d0 --bundle /tmp/val/d1
+
+`--beam-widths 50,100,200` also ranks the `soft` row at each beam width beside `ann`: if a
+wider beam does not close the gap, the beam cuts nothing that matters and the model's own
+ranking is what trails.
 """
 
 from __future__ import annotations
@@ -20,12 +24,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from model_store import metrics
 from model_store.bundle import Bundle, load_bundle
 from model_store.distill import Teacher
 from model_store.engines.torch_engine import TorchEngine
-from model_store.evaluate import held_out
+from model_store.evaluate import TOP_K, HeldOut, held_out, search_prompts
 from model_store.prompts import MODES
-from model_store.recommend import Recommender
+from model_store.recommend import Recommender, unseen
 
 TOP_CODES = 3
 
@@ -73,7 +78,24 @@ def agreement(teacher: np.ndarray, llm: np.ndarray) -> dict[str, float]:
     }
 
 
-def measure(bundle: Bundle, seed: int) -> dict[str, Any]:
+def soft_row_by_beam(
+    rec: Recommender, engine: TorchEngine, held: HeldOut, users: np.ndarray, widths: list[int]
+) -> dict[str, dict[str, float]]:
+    """`ann` and the `soft` row at each beam width, as the evaluation ranks them."""
+    seen = held.seen
+    nearest = [[x.item for x in rec.nearest(v, s, TOP_K)] for v, s in zip(users, seen, strict=True)]
+    rows = {"ann": metrics.summary(nearest, held.targets)}
+    prompts = [
+        rec.prompt(MODES["soft"], h, v, None) for h, v in zip(held.histories, users, strict=True)
+    ]
+    for width in widths:
+        beams = search_prompts(rec, engine, prompts, width, 128, False, "soft", seen)
+        ranked = [unseen((b.item for b in bs), s, TOP_K) for bs, s in zip(beams, seen, strict=True)]
+        rows[f"soft, beam {width}"] = metrics.summary(ranked, held.targets)
+    return rows
+
+
+def measure(bundle: Bundle, seed: int, widths: list[int]) -> dict[str, Any]:
     rec = Recommender(bundle, with_reranker=False)
     engine = TorchEngine.from_dir(bundle.llm_dir)
     held = held_out(bundle)
@@ -91,6 +113,7 @@ def measure(bundle: Bundle, seed: int) -> dict[str, Any]:
         "users": len(users),
         "teacher_mass_on_its_top3": float(np.take_along_axis(teacher, top, 1).sum(1).mean()),
         "rows": {name: agreement(teacher, p) for name, p in rows.items()},
+        "by_beam": soft_row_by_beam(rec, engine, held, users, widths),
     }
 
 
@@ -107,6 +130,10 @@ def report(results: list[dict[str, Any]]) -> None:
     for r in results:
         own = r["teacher_mass_on_its_top3"]
         print(f"{r['bundle']}: the teacher's own mass on its top {TOP_CODES}: {own:.3f}")
+    for r in results:
+        for name, row in r["by_beam"].items():
+            figures = " | ".join(f"{k} {v:.4f}" for k, v in row.items())
+            print(f"| {Path(r['bundle']).name} | {name} | {figures} |")
 
 
 def main() -> None:
@@ -114,8 +141,12 @@ def main() -> None:
     parser.add_argument("--bundle", type=Path, action="append", required=True)
     parser.add_argument("--seed", type=int, default=0, help="Shuffle of the other users.")
     parser.add_argument("--out", type=Path)
+    parser.add_argument(
+        "--beam-widths", default="", help="Comma-separated widths to rank the soft row at."
+    )
     args = parser.parse_args()
-    results = [measure(load_bundle(b), args.seed) for b in args.bundle]
+    widths = [int(w) for w in args.beam_widths.split(",") if w]
+    results = [measure(load_bundle(b), args.seed, widths) for b in args.bundle]
     report(results)
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))

@@ -214,3 +214,20 @@ def test_eval_over_two_seeds_with_a_peer(tiny_bundle: Path, tmp_path: Path) -> N
     markdown = (tmp_path / "b" / "eval.md").read_text()
     assert "95% interval" in markdown and "Does the 95% interval exclude zero?" in markdown
     assert (tmp_path / "b" / "eval.png").stat().st_size > 1000
+
+
+def test_the_soft_row_by_beam_width_ranks_as_the_evaluation(tiny_bundle: Path) -> None:
+    """`bench_soft_token --beam-widths` re-ranks `soft` and `ann` exactly as the build's
+    evaluation did (beam 20 in the tiny preset), so its wider beams compare like with like."""
+    from loadtest.bench_soft_token import soft_row_by_beam
+    from model_store.engines.torch_engine import TorchEngine
+    from model_store.recommend import Recommender
+
+    bundle = load_bundle(tiny_bundle)
+    held = held_out(bundle)
+    users = np.asarray(bundle.user_embeddings[held.users], dtype=np.float32)
+    rec = Recommender(bundle, with_reranker=False)
+    rows = soft_row_by_beam(rec, TorchEngine.from_dir(bundle.llm_dir), held, users, [20])
+    evaluation = bundle.manifest["evaluation"]
+    assert rows["ann"] == pytest.approx(evaluation["ann"])
+    assert rows["soft, beam 20"] == pytest.approx(evaluation["soft"])

@@ -28,9 +28,15 @@ from model_store import metrics
 from model_store.bundle import Bundle, load_bundle
 from model_store.distill import Teacher
 from model_store.engines.torch_engine import TorchEngine
-from model_store.evaluate import TOP_K, HeldOut, held_out, search_prompts
+from model_store.evaluate import (
+    HeldOut,
+    held_out,
+    ranked_beams,
+    ranked_by_ann,
+    search_prompts,
+)
 from model_store.prompts import MODES
-from model_store.recommend import Recommender, unseen
+from model_store.recommend import Recommender
 
 TOP_CODES = 3
 
@@ -81,16 +87,17 @@ def agreement(teacher: np.ndarray, llm: np.ndarray) -> dict[str, float]:
 def soft_row_by_beam(
     rec: Recommender, engine: TorchEngine, held: HeldOut, users: np.ndarray, widths: list[int]
 ) -> dict[str, dict[str, float]]:
-    """`ann` and the `soft` row at each beam width, as the evaluation ranks them."""
-    seen = held.seen
-    nearest = [[x.item for x in rec.nearest(v, s, TOP_K)] for v, s in zip(users, seen, strict=True)]
-    rows = {"ann": metrics.summary(nearest, held.targets)}
+    """`ann` and the `soft` row at each beam width, as the evaluation ranks them (nothing
+    when no width is asked)."""
+    if not widths:
+        return {}
+    rows = {"ann": metrics.summary(ranked_by_ann(rec, users, held.seen), held.targets)}
     prompts = [
         rec.prompt(MODES["soft"], h, v, None) for h, v in zip(held.histories, users, strict=True)
     ]
     for width in widths:
-        beams = search_prompts(rec, engine, prompts, width, 128, False, "soft", seen)
-        ranked = [unseen((b.item for b in bs), s, TOP_K) for bs, s in zip(beams, seen, strict=True)]
+        beams = search_prompts(rec, engine, prompts, width, 128, False, "soft", held.seen)
+        ranked = ranked_beams(beams, held.seen)
         rows[f"soft, beam {width}"] = metrics.summary(ranked, held.targets)
     return rows
 

@@ -113,6 +113,18 @@ def search_prompts(
     return beams
 
 
+def ranked_by_ann(
+    rec: Recommender, vectors: np.ndarray, seen: Sequence[set[int]]
+) -> list[list[int]]:
+    """The `ann` row: each user's nearest items to their vector, their history excluded."""
+    return [[x.item for x in rec.nearest(v, s, TOP_K)] for v, s in zip(vectors, seen, strict=True)]
+
+
+def ranked_beams(beams: Sequence[Sequence[Beam]], seen: Sequence[set[int]]) -> list[list[int]]:
+    """A generative row: each user's beams as items, their history excluded."""
+    return [unseen((b.item for b in bs), s, TOP_K) for bs, s in zip(beams, seen, strict=True)]
+
+
 def evaluate(
     bundle: Bundle,
     engine: Engine,
@@ -134,9 +146,7 @@ def evaluate(
 
     ranked: dict[str, list[list[int]]] = {
         "popularity": [rec.popular(s, TOP_K) for s in seen],
-        "ann": [
-            [x.item for x in rec.nearest(v, s, TOP_K)] for v, s in zip(vectors, seen, strict=True)
-        ],
+        "ann": ranked_by_ann(rec, vectors, seen),
     }
     beams_by_row: dict[str, list[list[Beam]]] = {}
     plans = {name: (mode, np.arange(len(users))) for name, mode in MODES.items()}
@@ -149,10 +159,7 @@ def evaluate(
         beams_by_row[name] = search_prompts(
             rec, engine, prompts, beam_width, chunk, show_progress, name, seen
         )
-        ranked[name] = [
-            unseen((b.item for b in bs), s, TOP_K)
-            for bs, s in zip(beams_by_row[name], seen, strict=True)
-        ]
+        ranked[name] = ranked_beams(beams_by_row[name], seen)
     ranked["served"] = [
         unseen((x.item for x in rec.rerank(v, h, bs)), s, TOP_K)
         for v, h, bs, s in zip(vectors, histories, beams_by_row["soft+prompt"], seen, strict=True)

@@ -29,6 +29,7 @@ from model_store.bundle import Bundle, load_bundle
 from model_store.distill import Teacher
 from model_store.engines.torch_engine import TorchEngine
 from model_store.evaluate import (
+    SEARCH_CHUNK,
     HeldOut,
     held_out,
     ranked_beams,
@@ -85,18 +86,18 @@ def agreement(teacher: np.ndarray, llm: np.ndarray) -> dict[str, float]:
 
 
 def soft_row_by_beam(
-    rec: Recommender, engine: TorchEngine, held: HeldOut, users: np.ndarray, widths: list[int]
+    rec: Recommender, engine: TorchEngine, held: HeldOut, vectors: np.ndarray, widths: list[int]
 ) -> dict[str, dict[str, float]]:
     """`ann` and the `soft` row at each beam width, as the evaluation ranks them (nothing
-    when no width is asked)."""
+    when no width is asked); `vectors` are the held-out users' embeddings."""
     if not widths:
         return {}
-    rows = {"ann": metrics.summary(ranked_by_ann(rec, users, held.seen), held.targets)}
+    rows = {"ann": metrics.summary(ranked_by_ann(rec, vectors, held.seen), held.targets)}
     prompts = [
-        rec.prompt(MODES["soft"], h, v, None) for h, v in zip(held.histories, users, strict=True)
+        rec.prompt(MODES["soft"], h, v, None) for h, v in zip(held.histories, vectors, strict=True)
     ]
     for width in widths:
-        beams = search_prompts(rec, engine, prompts, width, 128, False, "soft", held.seen)
+        beams = search_prompts(rec, engine, prompts, width, SEARCH_CHUNK, False, "soft", held.seen)
         ranked = ranked_beams(beams, held.seen)
         rows[f"soft, beam {width}"] = metrics.summary(ranked, held.targets)
     return rows

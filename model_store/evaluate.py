@@ -49,6 +49,8 @@ ROWS = (
     "served",
 )
 TOP_K = max(metrics.CUTOFFS)
+SEARCH_CHUNK = 128
+"""Prompts per beam-search call in a batch evaluation: memory bounded, the engine kept busy."""
 PROTOCOL = "leave-one-out, full ranking over all items, the user's history excluded"
 
 
@@ -130,7 +132,7 @@ def evaluate(
     engine: Engine,
     *,
     beam_width: int = 50,
-    chunk: int = 128,
+    chunk: int = SEARCH_CHUNK,
     seed: int = 0,
     max_users: int | None = None,
     show_progress: bool = True,

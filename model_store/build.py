@@ -261,9 +261,7 @@ def build(
         if cfg.llm.sid_init == "codebooks":
             llm.init_sid_embeddings(model, vocab, sids.codebooks, cfg.llm.seed)
         hidden = int(model.config.hidden_size)
-        projector = Projector(
-            cfg.user_model.dim, hidden, cfg.llm.n_soft, cfg.llm.soft_at, cfg.llm.soft_bias
-        )
+        projector = Projector(cfg.user_model.dim, hidden, cfg.llm.n_soft, cfg.llm.soft_at)
         training = llm.TrainingData(
             train=plan.fit,
             states=_states_per_position(umodel, plan.fit),

@@ -31,26 +31,14 @@ class Prompt:
     """A prompt in token ids; positions holding the `<user>` placeholder take `soft` rows.
 
     `soft` has shape (n_placeholders, hidden) and is None when the prompt has no soft token.
-    `bias` (hidden,), when given, is added to the input of every position from `bias_from`
-    on that is not a placeholder, and of every token generated after the prompt (a
-    projector's `soft_bias` path).
     """
 
     token_ids: tuple[int, ...]
     soft: np.ndarray | None = None
     placeholder_id: int = -1
-    bias: np.ndarray | None = None
-    bias_from: int = 0
 
     def soft_positions(self) -> list[int]:
         return [i for i, t in enumerate(self.token_ids) if t == self.placeholder_id]
-
-    def bias_positions(self) -> list[int]:
-        """Where `bias` is added within the prompt (none without a bias)."""
-        if self.bias is None:
-            return []
-        ids = self.token_ids
-        return [i for i in range(self.bias_from, len(ids)) if ids[i] != self.placeholder_id]
 
 
 class Session(Protocol):

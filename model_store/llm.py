@@ -29,7 +29,7 @@ from model_store.distill import LevelTargets, Teacher
 from model_store.progress import progress_bar
 from model_store.projector import Projector
 from model_store.prompts import SOFT_AT_ABSENT, checked_soft_at, prompt_ids
-from model_store.vocab import BOS, EOS, HIST, PAD, USER, Vocab
+from model_store.vocab import BOS, EOS, PAD, USER, Vocab
 
 CPU_ATTENTION_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 
@@ -59,8 +59,6 @@ class LLMConfig:
     # soft and soft+prompt gained HR@30 on the test split, served unchanged; BENCHMARKS.md)
     # or at random, as bundles built before this field were
     sid_init: str = field(default="codebooks", metadata={"absent": "random"})
-    # the user also added to every SID token's input after <hist> (`Projector.soft_bias`)
-    soft_bias: bool = field(default=False, metadata={"absent": False})
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -291,20 +289,6 @@ def embed_with_soft(
     return torch.where(placeholder, filled, embeds)
 
 
-def add_soft_bias(
-    embeds: torch.Tensor, ids: torch.Tensor, bias: torch.Tensor, user_id: int, hist_id: int
-) -> torch.Tensor:
-    """`bias[j]` added where `Prompt.bias_positions` adds it online, in the j-th window that
-    has a soft token: every position after `<hist>` but the placeholders (padding too,
-    which no real position attends to)."""
-    has_soft = (ids == user_id).any(dim=1)
-    after_hist = ((ids == hist_id).cumsum(dim=1) > 0) & (ids != hist_id) & (ids != user_id)
-    per_row = embeds.new_zeros((ids.shape[0], bias.shape[-1])).index_copy(
-        0, has_soft.nonzero().squeeze(1), bias.to(embeds.dtype)
-    )
-    return embeds + after_hist.unsqueeze(-1).to(embeds.dtype) * per_row.unsqueeze(1)
-
-
 def train_llm(
     model: PreTrainedModel,
     projector: Projector,
@@ -325,7 +309,7 @@ def train_llm(
     schedule = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / warmup, 0.5 * (1 + math.cos(math.pi * s / total_steps)))
     )
-    user_id, pad_id, hist_id = vocab.id(USER), vocab.id(PAD), vocab.id(HIST)
+    user_id, pad_id = vocab.id(USER), vocab.id(PAD)
     levels = data.item_sid_ids.shape[1]
     targets = None
     if cfg.distill > 0 and data.teacher is not None:
@@ -344,9 +328,6 @@ def train_llm(
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
                 soft = projector(users) if users is not None else None
                 embeds = embed_with_soft(model, ids, soft, user_id)
-                bias = projector.bias(users) if users is not None else None
-                if bias is not None:
-                    embeds = add_soft_bias(embeds, ids, bias, user_id, hist_id)
                 out = model(inputs_embeds=embeds, attention_mask=mask, labels=labels)
                 loss = out.loss
                 if targets is not None:

@@ -19,54 +19,23 @@ from model_store.prompts import SOFT_AT_ABSENT, checked_soft_at
 
 class Projector(nn.Module):
     """User embedding → n soft-token embeddings in the LLM's hidden size, and where the
-    prompts the LLM was trained on place them (`soft_at`, see `model_store.prompts`).
+    prompts the LLM was trained on place them (`soft_at`, see `model_store.prompts`)."""
 
-    With `soft_bias` it also maps the user to one vector added to the input of every
-    Semantic-ID token after `<hist>` (written and generated): a direct path from the user
-    to each level's logits (the LM head is tied), besides attention to the soft token. Its
-    map starts at zero, so training starts from the model without it."""
-
-    def __init__(
-        self,
-        user_dim: int,
-        hidden: int,
-        n_soft: int,
-        soft_at: str = "head",
-        soft_bias: bool = False,
-    ) -> None:
+    def __init__(self, user_dim: int, hidden: int, n_soft: int, soft_at: str = "head") -> None:
         super().__init__()
         self.user_dim, self.hidden, self.n_soft = user_dim, hidden, n_soft
         self.soft_at = checked_soft_at(soft_at)
         self.net = nn.Sequential(
             nn.Linear(user_dim, 2 * hidden), nn.GELU(), nn.Linear(2 * hidden, hidden * n_soft)
         )
-        self.bias_net: nn.Linear | None = None
-        if soft_bias:
-            self.bias_net = nn.Linear(user_dim, hidden)
-            nn.init.zeros_(self.bias_net.weight)
-            nn.init.zeros_(self.bias_net.bias)
-
-    @property
-    def soft_bias(self) -> bool:
-        return self.bias_net is not None
 
     def forward(self, user: torch.Tensor) -> torch.Tensor:
         return self.net(user).reshape(*user.shape[:-1], self.n_soft, self.hidden)
-
-    def bias(self, user: torch.Tensor) -> torch.Tensor | None:
-        """(..., hidden) vectors added to the Semantic-ID tokens' inputs; None without."""
-        return None if self.bias_net is None else self.bias_net(user)
 
     def project(self, user: np.ndarray) -> np.ndarray:
         """Numpy in, numpy out: (user_dim,) → (n_soft, hidden); used per request online."""
         with torch.inference_mode():
             return self(torch.from_numpy(np.asarray(user, dtype=np.float32))).numpy()
-
-    def project_bias(self, user: np.ndarray) -> np.ndarray | None:
-        """(user_dim,) → (hidden,), or None when this projector has no bias path."""
-        with torch.inference_mode():
-            bias = self.bias(torch.from_numpy(np.asarray(user, dtype=np.float32)))
-            return None if bias is None else bias.numpy()
 
 
 def save_projector(projector: Projector, directory: Path) -> list[str]:
@@ -76,7 +45,6 @@ def save_projector(projector: Projector, directory: Path) -> list[str]:
         "hidden": projector.hidden,
         "n_soft": projector.n_soft,
         "soft_at": projector.soft_at,
-        "soft_bias": projector.soft_bias,
     }
     (directory / "projector.json").write_text(json.dumps(meta))
     return ["projector.safetensors", "projector.json"]
@@ -85,8 +53,7 @@ def save_projector(projector: Projector, directory: Path) -> list[str]:
 def load_projector(directory: Path) -> Projector:
     meta = json.loads((directory / "projector.json").read_text())
     soft_at = meta.get("soft_at", SOFT_AT_ABSENT)
-    soft_bias = bool(meta.get("soft_bias", False))  # bundles built before it have none
-    projector = Projector(meta["user_dim"], meta["hidden"], meta["n_soft"], soft_at, soft_bias)
+    projector = Projector(meta["user_dim"], meta["hidden"], meta["n_soft"], soft_at)
     projector.load_state_dict(load_file(str(directory / "projector.safetensors")))
     projector.eval()
     return projector

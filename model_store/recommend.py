@@ -25,7 +25,7 @@ from model_store.generation import (
 from model_store.prompts import Mode, prompt_ids
 from model_store.reranker import ItemTable, candidate_features, rerank
 from model_store.user_model import retrieval_query
-from model_store.vocab import HIST, USER
+from model_store.vocab import USER
 
 
 @dataclass(frozen=True)
@@ -125,10 +125,9 @@ class Recommender:
         `newer`: how many of the most recent history items the user vector has not seen
         (logged after it was computed); a bundle whose soft token stands "now" writes it
         before them."""
-        soft = bias = None
+        soft = None
         if mode.soft and user is not None and np.any(user):
             soft = self.projector.project(user)
-            bias = self.projector.project_bias(user)
         recent = list(history)[-mode.history :] if mode.history else []
 
         def ids_of(items: Sequence[int]) -> list[int]:
@@ -146,8 +145,7 @@ class Recommender:
 
         kept = aligned_history(len(ids_of([])), len(recent), self.sid_len, self.align)
         ids = ids_of(recent[len(recent) - kept :])  # without the oldest items
-        after_hist = ids.index(self.vocab.id(HIST)) + 1
-        return Prompt(tuple(ids), soft, self.vocab.id(USER), bias, after_hist)
+        return Prompt(tuple(ids), soft, self.vocab.id(USER))
 
     def generate(
         self,

@@ -76,8 +76,7 @@ def vllm_engine(model_dir: Path) -> Iterator[VLLMEngine]:
 
 
 def _prompts(seed: int = 0) -> list[Prompt]:
-    """Different lengths; soft rows at the start, in the middle, two of them, or none;
-    two with a bias on their later positions and generated tokens."""
+    """Different lengths; soft rows at the start, in the middle, two of them, or none."""
     rng = np.random.default_rng(seed)
 
     def words(n: int) -> list[int]:
@@ -88,9 +87,8 @@ def _prompts(seed: int = 0) -> list[Prompt]:
 
     return [
         Prompt((2, USER, *words(9)), soft(1), USER),
-        Prompt((2, USER, *words(6)), soft(1), USER, soft(1)[0], 4),  # a bias from position 4
         Prompt((2, *words(3)), None, USER),
-        Prompt((2, *words(5), USER, *words(17), USER, 1), soft(2), USER, soft(1)[0], 3),
+        Prompt((2, *words(5), USER, *words(17), USER, 1), soft(2), USER),
         Prompt((USER,), soft(1), USER),
         Prompt((2, *words(30))),
         Prompt((2, USER, *words(68)), soft(1), USER),  # two KV blocks, rows fill no third
@@ -103,10 +101,7 @@ def _reference(engine: TorchEngine, prompt: Prompt, tokens: list[int]) -> np.nda
     with torch.inference_mode():
         embeds = prompt_embeddings(prompt, engine.table)
         if tokens:
-            own = engine.table[torch.tensor(tokens)]
-            if prompt.bias is not None:  # every generated token's input carries it
-                own = own + torch.as_tensor(prompt.bias)
-            embeds = torch.cat([embeds, own])
+            embeds = torch.cat([embeds, engine.table[torch.tensor(tokens)]])
         logits = engine.model(inputs_embeds=embeds[None]).logits[0, -1]
         return torch.log_softmax(logits.float(), dim=-1).numpy()
 

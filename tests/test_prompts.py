@@ -9,11 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from model_store import llm
 from model_store.bundle import Bundle
-from model_store.engines.base import prompt_embeddings
 from model_store.projector import Projector, load_projector, save_projector
 from model_store.prompts import MODES, prompt_ids
 from model_store.recommend import Recommender
@@ -94,33 +92,3 @@ def test_the_served_prompt_of_a_now_bundle_keeps_its_length_and_places_the_soft_
         after = len(now.token_ids) - 1 - now.token_ids.index(user_id)
         assert after == newer * rec.sid_len  # the newer items' tokens follow the soft token
         assert now.soft_positions() == [now.token_ids.index(user_id)]
-
-
-def test_the_soft_bias_lands_where_training_put_it(tiny_bundle: Path, tmp_path: Path) -> None:
-    """Training (`llm.add_soft_bias`) and the served prompt (`Prompt.bias_positions`, which
-    every engine's embeddings follow) add the user's bias at the same positions, in both
-    layouts; a projector without the path adds none, and one saved with it loads with it."""
-    rec = Recommender(Bundle(tiny_bundle))
-    history = [int(i) for i in rec.bundle.histories[0]][-20:]
-    user = rec.bundle.user_embeddings[0]
-    assert rec.prompt(MODES["soft+prompt"], history, user, None).bias is None
-    biased = Projector(rec.projector.user_dim, rec.projector.hidden, 1, soft_bias=True)
-    torch.nn.init.normal_(biased.bias_net.weight)  # type: ignore[union-attr]
-    rec.projector = biased
-    for soft_at, newer in (("head", 0), ("now", 2)):
-        biased.soft_at = soft_at
-        prompt = rec.prompt(MODES["soft+prompt"], history, user, ["age:25-34"], newer=newer)
-        assert prompt.bias is not None and prompt.bias_positions()
-        ids = torch.tensor([prompt.token_ids])
-        zeros = torch.zeros((1, len(prompt.token_ids), biased.hidden))
-        bias = torch.from_numpy(prompt.bias)[None]
-        trained = llm.add_soft_bias(zeros, ids, bias, rec.vocab.id(USER), rec.vocab.id(HIST))
-        assert trained[0].abs().sum(-1).nonzero().squeeze(1).tolist() == prompt.bias_positions()
-        table = torch.zeros((len(rec.vocab), biased.hidden))
-        served = prompt_embeddings(prompt, table)
-        placeholder = prompt.soft_positions()
-        served[placeholder] = 0.0
-        torch.testing.assert_close(served, trained[0])
-    save_projector(biased, tmp_path)
-    loaded = load_projector(tmp_path)
-    np.testing.assert_array_equal(loaded.project_bias(user), biased.project_bias(user))

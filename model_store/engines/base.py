@@ -39,37 +39,15 @@ def prompt_embeddings(prompt: Prompt, table: torch.Tensor) -> torch.Tensor:
     if prompt.soft is None:
         if int(ids.min()) < 0:
             raise ValueError("prompt holds placeholder positions but no soft rows")
-        out = table[ids]
-    else:
-        positions = torch.tensor(prompt.soft_positions(), dtype=torch.long)
-        soft = torch.as_tensor(np.asarray(prompt.soft)).to(table.dtype)
-        if soft.ndim != 2 or soft.shape != (len(positions), table.shape[1]):
-            raise ValueError(
-                f"soft has shape {tuple(soft.shape)}, expected ({len(positions)}, {table.shape[1]})"
-            )
-        out = table[ids.clamp(min=0)]
-        out[positions] = soft
-    if prompt.bias is not None:
-        out[prompt.bias_positions()] += _bias(prompt, table)
-    return out
-
-
-def _bias(prompt: Prompt, table: torch.Tensor) -> torch.Tensor:
-    bias = torch.as_tensor(np.asarray(prompt.bias)).to(table.dtype)
-    if bias.shape != (table.shape[1],):
-        raise ValueError(f"bias has shape {tuple(bias.shape)}, expected ({table.shape[1]},)")
-    return bias
-
-
-def generated_biases(prompts: Sequence[Prompt], table: torch.Tensor) -> torch.Tensor | None:
-    """(n_prompts, hidden): what each prompt adds to the input of every token generated
-    after it (zeros for a prompt without a bias); None when no prompt has one."""
-    if all(p.bias is None for p in prompts):
-        return None
-    out = table.new_zeros((len(prompts), table.shape[1]))
-    for i, p in enumerate(prompts):
-        if p.bias is not None:
-            out[i] = _bias(p, table)
+        return table[ids]
+    positions = torch.tensor(prompt.soft_positions(), dtype=torch.long)
+    soft = torch.as_tensor(np.asarray(prompt.soft)).to(table.dtype)
+    if soft.ndim != 2 or soft.shape != (len(positions), table.shape[1]):
+        raise ValueError(
+            f"soft has shape {tuple(soft.shape)}, expected ({len(positions)}, {table.shape[1]})"
+        )
+    out = table[ids.clamp(min=0)]
+    out[positions] = soft
     return out
 
 
@@ -128,9 +106,14 @@ class BaseEngine:
 
 class EmbeddingEngine(BaseEngine):
     """What engines fed with prompt embeddings share: the model's input-embedding table
-    (`self.table`, which their sessions' :class:`EmbeddingRows` read) and a warm-up request."""
+    (`self.table`), the prompts' embeddings, and a warm-up request."""
 
     table: torch.Tensor
+
+    def embed(self, prompts: Sequence[Prompt]) -> list[torch.Tensor]:
+        if not prompts:
+            raise ValueError("no prompts")
+        return [prompt_embeddings(p, self.table) for p in prompts]
 
     def warm(self) -> None:
         """One tiny prompt-embeds request, so the first real search is not the slow one."""
@@ -140,15 +123,11 @@ class EmbeddingEngine(BaseEngine):
 
 class EmbeddingRows:
     """Live rows of one search as (prompt embeddings, SID tokens so far): engines that take
-    prompt embeddings rebuild each row's input from these, so `extend` is bookkeeping only.
-    A prompt's bias (`Prompt.bias`) is added to each of its rows' own tokens."""
+    prompt embeddings rebuild each row's input from these, so `extend` is bookkeeping only."""
 
-    def __init__(self, table: torch.Tensor, prompts: Sequence[Prompt]) -> None:
-        if not prompts:
-            raise ValueError("no prompts")
+    def __init__(self, table: torch.Tensor, prompts: list[torch.Tensor]) -> None:
         self._table = table
-        self._prompts = [prompt_embeddings(p, table) for p in prompts]
-        self._biases = generated_biases(prompts, table)
+        self._prompts = prompts
         self._owner = np.arange(len(prompts))
         self._tokens = np.zeros((len(prompts), 0), dtype=np.int64)
 
@@ -164,8 +143,6 @@ class EmbeddingRows:
     def _row_inputs(self) -> Callable[[int], Row]:
         """Row r's input: its prompt's embeddings, then its SID tokens' embeddings."""
         suffix = self._table[torch.from_numpy(self._tokens)]  # (rows, level, hidden)
-        if self._biases is not None and self._tokens.shape[1]:
-            suffix = suffix + self._biases[torch.from_numpy(self._owner)][:, None]
         return lambda r: (self._prompts[self._owner[r]], suffix[r])
 
     def extend(self, parents: np.ndarray, tokens: np.ndarray) -> None:

@@ -39,7 +39,6 @@ from model_store.engines.base import (
     EngineError,
     embeddings,
     load_input_embeddings,
-    prompt_embeddings,
 )
 from model_store.engines.replicas import (
     HEALTH_INTERVAL_S,
@@ -144,9 +143,7 @@ class RemoteEngine(EmbeddingEngine):
         self._require_open()
         vocab = int(self.table.shape[0])
         ids = tuple(range(min(2, vocab)))
-        embeds = [
-            encode_embeddings(prompt_embeddings(Prompt(tuple(range(min(4, vocab)))), self.table))
-        ]
+        embeds = [encode_embeddings(self.embed([Prompt(tuple(range(min(4, vocab))))])[0])]
         errors: list[EngineError] = []
         for replica in self.replicas.replicas:
             deadline = time.monotonic() + max(timeout_s, self.timeout_s)
@@ -179,7 +176,7 @@ class RemoteEngine(EmbeddingEngine):
 
     def open(self, prompts: Sequence[Prompt]) -> RemoteSession:
         self._require_open()
-        return RemoteSession(self, prompts, self.route(prompts))
+        return RemoteSession(self, self.embed(prompts), self.route(prompts))
 
     def close(self) -> None:
         """Closes the connection pools, the health probes and the request threads;
@@ -377,7 +374,7 @@ class RemoteSession(EmbeddingRows):
     """A search's rows, each scored by a server over its prompt embeddings; every level
     goes where the search's `route` says (the same replica while it is healthy)."""
 
-    def __init__(self, engine: RemoteEngine, prompts: Sequence[Prompt], route: Route) -> None:
+    def __init__(self, engine: RemoteEngine, prompts: list[torch.Tensor], route: Route) -> None:
         super().__init__(engine.table, prompts)
         self._engine = engine
         self.route = route

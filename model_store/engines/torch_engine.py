@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
-from model_store.engines.base import BaseEngine, generated_biases, prompt_embeddings
+from model_store.engines.base import BaseEngine, prompt_embeddings
 from model_store.generation import Prompt
 
 
@@ -67,7 +67,6 @@ class TorchSession:
                 mask[i, width - len(e) :] = 1
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             self._cache = DynamicCache(config=model.config)
-            self._biases = generated_biases(prompts, table)  # follows the rows, as the cache
             self._mask = mask
             self._next_position = lengths
             self._forward(batch, positions)
@@ -112,8 +111,4 @@ class TorchSession:
             self._mask = torch.cat([self._mask[index], ones], dim=1)
             positions = self._next_position[index]
             self._next_position = positions + 1
-            embeds = self._table[new]
-            if self._biases is not None:
-                self._biases = self._biases[index]
-                embeds = embeds + self._biases
-            self._forward(embeds[:, None], positions[:, None])
+            self._forward(self._table[new][:, None], positions[:, None])

@@ -106,7 +106,7 @@ class VLLMEngine(EmbeddingEngine):
         return self._generate
 
     def open(self, prompts: Sequence[Prompt]) -> VLLMSession:
-        return VLLMSession(self._require_generate(), self.table, prompts)
+        return VLLMSession(self._require_generate(), self.table, self.embed(prompts))
 
     def score_sessions(
         self, asks: Sequence[tuple[Session, Sequence[np.ndarray]]]
@@ -233,7 +233,9 @@ def _generate_all(generate: Generate, batches: Sequence[_Requests]) -> list[list
 class VLLMSession(EmbeddingRows):
     """A search's rows, each scored as vLLM requests over its prompt embeddings."""
 
-    def __init__(self, generate: Generate, table: torch.Tensor, prompts: Sequence[Prompt]) -> None:
+    def __init__(
+        self, generate: Generate, table: torch.Tensor, prompts: list[torch.Tensor]
+    ) -> None:
         super().__init__(table, prompts)
         self._generate = generate
 

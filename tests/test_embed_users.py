@@ -4,6 +4,7 @@ against a real Redis: results, checkpoints, snapshots, worker deaths and failed 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -147,6 +148,16 @@ def _log(client: redis.Redis, user: str, uri: str, kind: str = "play") -> str:
     return client.xadd(event_log_key(user), fields).decode()  # type: ignore[union-attr]
 
 
+def _clock_past(client: redis.Redis, entry: str) -> None:
+    """Waits until Redis' clock has left `entry`'s millisecond: a run's checkpoint stops
+    before the millisecond it reads the clock in (later entries may still land there)."""
+    while True:
+        seconds, micros = client.time()
+        if seconds * 1000 + micros // 1000 > stream_position(entry)[0]:
+            return
+        time.sleep(0.001)
+
+
 def _current(client: redis.Redis) -> str | None:
     raw = client.get(CURRENT)
     return None if raw is None else raw.decode()  # type: ignore[union-attr]
@@ -193,6 +204,7 @@ def test_two_runs_apply_each_event_once_build_on_the_snapshot_and_trim_the_log(
     _log(client, newcomer, uris[20], "like")
     _log(client, "only-skips", uris[21], "skip")  # no consumed item: not a new user
     last = _log(client, newcomer, uris[22])
+    _clock_past(client, last)
 
     first = embed_users(bundle, url, _options(tmp_path))
 
@@ -217,6 +229,7 @@ def test_two_runs_apply_each_event_once_build_on_the_snapshot_and_trim_the_log(
 
     _log(client, active, uris[30])
     last = _log(client, newcomer, uris[31], "finish")
+    _clock_past(client, last)
     second = embed_users(bundle, url, _options(tmp_path))
 
     assert (second.users, second.new_users, second.events) == (len(ids) + 1, 0, 2)

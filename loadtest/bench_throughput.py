@@ -6,12 +6,15 @@ variant: a closed loop of 1 caller, then of 8 (after a warm-up each), and their 
 the share of answers per served path (`generative`, `prompt-only`, `ann`): a faster
 fallback is not throughput. A variant is a name, then optionally a source checkout (the
 gateway runs that code: `src=DIR` puts DIR first on PYTHONPATH, e.g. a `git worktree` of an
-older commit), how many gateway processes serve it (`gateways=N`: N gateways, each with
-its own in-process engine, the load spread over them in turn as a Service spreads it over
-pods) and environment settings:
+older commit), its own bundle (`bundle=DIR`, for code that reads another bundle format:
+built from the same data, so the load's users and items are those of `--bundle`), how many
+gateway processes serve it (`gateways=N`: N gateways, each with its own in-process engine,
+the load spread over them in turn as a Service spreads it over pods) and environment
+settings. Before each variant starts, its own code publishes its bundle's users to Redis.
 
     python -m loadtest.bench_throughput --bundle bundles/ml-100k \\
-        --variant before:src=../genrec-before --variant after --variant two:gateways=2
+        --variant before:src=../genrec-before,bundle=bundles/before --variant after \\
+        --variant two:gateways=2
 
 The last variant's figures are also given as ratios to the first's. The request deadline
 is raised to `--deadline-ms` (10 s) in every variant: a closed loop of 8 on a small machine
@@ -50,27 +53,40 @@ class Variant:
     source: Path | None = None
     env: dict[str, str] = field(default_factory=dict)
     gateways: int = 1
+    bundle: Path | None = None  # None: the run's --bundle
+
+    def process_env(self, **settings: str) -> dict[str, str]:
+        """This environment with `settings` and the variant's own on top, its code first."""
+        env = {**os.environ, **settings, **self.env}
+        if self.source is not None:
+            env["PYTHONPATH"] = os.pathsep.join(
+                filter(None, [str(self.source), env.get("PYTHONPATH")])
+            )
+        return env
 
 
 def parse_variant(text: str) -> Variant:
-    """`NAME[:src=DIR][,gateways=N][,KEY=VALUE...]` (items after the colon, comma-separated)."""
+    """`NAME[:src=DIR][,bundle=DIR][,gateways=N][,KEY=VALUE...]` (items after the colon,
+    comma-separated)."""
     name, _, rest = text.partition(":")
     if not name:
         raise argparse.ArgumentTypeError(f"variant {text!r} has no name")
-    source, env, gateways = None, {}, 1
+    source, bundle, env, gateways = None, None, {}, 1
     for item in filter(None, rest.split(",")):
         key, sep, value = item.partition("=")
         if not sep:
             raise argparse.ArgumentTypeError(f"variant item {item!r} is not KEY=VALUE")
         if key == "src":
             source = Path(value).resolve()
+        elif key == "bundle":
+            bundle = Path(value).resolve()
         elif key == "gateways":
             if not value.isdigit() or int(value) < 1:
                 raise argparse.ArgumentTypeError(f"gateways={value!r}: not a positive count")
             gateways = int(value)
         else:
             env[key] = value
-    return Variant(name, source, env, gateways)
+    return Variant(name, source, env, gateways, bundle)
 
 
 def _free_port() -> int:
@@ -86,19 +102,13 @@ class Gateway:
         self, variant: Variant, bundle: Path, redis_url: str, log: Path, deadline_ms: float
     ) -> None:
         self.port = _free_port()
-        env = {
-            **os.environ,
-            "REDIS_URL": redis_url,
-            "GENREC_PORT": str(self.port),
-            "GENREC_GRPC_PORT": str(_free_port()),
-            "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-            "GENREC_DEADLINE_MS": str(deadline_ms),
-            **variant.env,
-        }
-        if variant.source is not None:
-            env["PYTHONPATH"] = os.pathsep.join(
-                filter(None, [str(variant.source), env.get("PYTHONPATH")])
-            )
+        env = variant.process_env(
+            REDIS_URL=redis_url,
+            GENREC_PORT=str(self.port),
+            GENREC_GRPC_PORT=str(_free_port()),
+            VLLM_ENABLE_V1_MULTIPROCESSING="0",
+            GENREC_DEADLINE_MS=str(deadline_ms),
+        )
         # `python -m` puts the working directory first on sys.path: run from the source
         command = [sys.executable, "-m", "service.cli", "serve", "--bundle", str(bundle.resolve())]
         with log.open("wb") as out:
@@ -137,6 +147,18 @@ class Gateway:
                 self.proc.wait()
 
 
+def publish(variant: Variant, bundle: Path, redis_url: str) -> None:
+    """The variant's own code publishes its bundle's users (a new current version)."""
+    command = [sys.executable, "-m", "service.cli", "publish-embeddings", str(bundle.resolve())]
+    subprocess.run(
+        [*command, "--redis-url", redis_url, "--force"],
+        cwd=variant.source,
+        env=variant.process_env(),
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+
+
 def served_shares(report: dict[str, Any]) -> dict[str, float]:
     ok = report["ok"] or 1
     return {path: round(n / ok, 4) for path, n in sorted(report["served_by"].items())}
@@ -169,11 +191,13 @@ def measure(gateways: list[Gateway], args: argparse.Namespace, concurrency: int)
 def run_variant(variant: Variant, args: argparse.Namespace, redis_url: str) -> dict[str, Any]:
     logs = Path(tempfile.mkdtemp(prefix=f"genrec-{variant.name}-"))
     print(f"{variant.name}: starting {variant.gateways} gateway(s) (logs {logs})", flush=True)
+    bundle = variant.bundle or args.bundle
+    publish(variant, bundle, redis_url)
     gateways: list[Gateway] = []
     try:
         for n in range(variant.gateways):
             log = logs / f"serve-{n}.log"
-            gateways.append(Gateway(variant, args.bundle, redis_url, log, args.deadline_ms))
+            gateways.append(Gateway(variant, bundle, redis_url, log, args.deadline_ms))
         runs = {f"c{c}": measure(gateways, args, c) for c in CONCURRENCY}
     finally:
         for gateway in gateways:
@@ -185,6 +209,7 @@ def run_variant(variant: Variant, args: argparse.Namespace, redis_url: str) -> d
             "source": str(variant.source or ""),
             "env": variant.env,
             "gateways": variant.gateways,
+            "bundle": str(bundle),
         },
         **runs,
         "c8_over_c1": round(c8 / c1, 3) if c1 else None,
@@ -192,16 +217,11 @@ def run_variant(variant: Variant, args: argparse.Namespace, redis_url: str) -> d
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from model_store.bundle import load_bundle
-    from model_store.userstate.connect import sync_client
-    from model_store.userstate.publish import publish_bundle
-
     info = machine_info()
     with tempfile.TemporaryDirectory(prefix="genrec-redis-") as tmp:
         redis = RedisServer(Path(tmp))
         try:
             url = redis.urls["unix"]
-            publish_bundle(sync_client(url), load_bundle(args.bundle))
             variants = [run_variant(v, args, url) for v in args.variant or [Variant("current")]]
         finally:
             redis.close()
@@ -251,7 +271,10 @@ def main() -> None:
     parser = bench_parser(__doc__, engine=False)
     parser.add_argument("--bundle", type=Path, default=Path("bundles/ml-100k"))
     parser.add_argument(
-        "--variant", type=parse_variant, action="append", help="NAME[:src=DIR][,KEY=VALUE...]"
+        "--variant",
+        type=parse_variant,
+        action="append",
+        help="NAME[:src=DIR][,bundle=DIR][,gateways=N][,KEY=VALUE...]",
     )
     parser.add_argument("--duration", type=float, default=30.0, help="measured seconds per run")
     parser.add_argument("--warmup", type=float, default=5.0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -375,11 +376,15 @@ def test_a_spread_client_sends_to_each_gateway_in_turn() -> None:
     assert all(g.closed for g in gateways)
 
 
-def test_a_variant_names_its_code_gateways_and_settings(tmp_path: Path) -> None:
-    v = parse_variant(f"two:src={tmp_path},gateways=2,GENREC_MAX_BATCH=8")
-    assert (v.name, v.source, v.gateways) == ("two", tmp_path, 2)
+def test_a_variant_names_its_code_bundle_gateways_and_settings(tmp_path: Path) -> None:
+    v = parse_variant(f"two:src={tmp_path},bundle={tmp_path},gateways=2,GENREC_MAX_BATCH=8")
+    assert (v.name, v.source, v.bundle, v.gateways) == ("two", tmp_path, tmp_path, 2)
     assert v.env == {"GENREC_MAX_BATCH": "8"}
-    assert parse_variant("plain").gateways == 1
+    env = v.process_env(GENREC_MAX_BATCH="1", REDIS_URL="redis://r")
+    assert env["GENREC_MAX_BATCH"] == "8" and env["REDIS_URL"] == "redis://r"  # the variant's win
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == str(tmp_path)  # its code comes first
+    plain = parse_variant("plain")
+    assert (plain.gateways, plain.bundle, plain.source) == (1, None, None)
     for bad in ("x:gateways=0", "x:gateways=two", "x:KEY", ":src=."):
         with pytest.raises(argparse.ArgumentTypeError):
             parse_variant(bad)

@@ -360,14 +360,18 @@ def previous_version(client: SyncClient) -> tuple[str, Path | None]:
     return meta.get("checkpoint") or NO_CHECKPOINT, Path(snapshot) if snapshot else None
 
 
+def primaries_clock_ms(client: SyncClient) -> int:
+    """The lowest clock of the primaries now, in milliseconds (Stream ids count in these)."""
+    clocks = [node.time() for node in node_clients(client)]
+    return min(int(s) * 1000 + int(us) // 1000 for s, us in clocks)
+
+
 def log_end(client: SyncClient, checkpoint: str) -> str:
     """This run's checkpoint: the last log position before the lowest clock of the primaries
     now (never before `checkpoint`). A shard's new ids are at least its node's clock, so any
     event logged from now on lies after it, on every shard, and this run reads every entry
     up to it (see `model_store.userstate.keys`)."""
-    clocks = [node.time() for node in node_clients(client)]
-    now_ms = min(int(s) * 1000 + int(us) // 1000 for s, us in clocks)
-    end = checkpoint_before(now_ms)
+    end = checkpoint_before(primaries_clock_ms(client))
     return end if stream_position(end) > stream_position(checkpoint) else checkpoint
 
 

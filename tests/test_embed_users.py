@@ -31,6 +31,7 @@ from model_store.embed_users import (
     log_length,
     new_users,
     parquet_rows,
+    primaries_clock_ms,
     users_table,
 )
 from model_store.user_model import user_states
@@ -151,10 +152,7 @@ def _log(client: redis.Redis, user: str, uri: str, kind: str = "play") -> str:
 def _clock_past(client: redis.Redis, entry: str) -> None:
     """Waits until Redis' clock has left `entry`'s millisecond: a run's checkpoint stops
     before the millisecond it reads the clock in (later entries may still land there)."""
-    while True:
-        seconds, micros = client.time()
-        if seconds * 1000 + micros // 1000 > stream_position(entry)[0]:
-            return
+    while primaries_clock_ms(client) <= stream_position(entry)[0]:
         time.sleep(0.001)
 
 

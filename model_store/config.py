@@ -18,7 +18,9 @@ class BuildConfig:
     llm: LLMConfig = field(default_factory=LLMConfig)
     content_weight: float = 1.0  # weight of the content vector in the fused SID input
     collab_weight: float = 1.0  # weight of the user-model item vector in the fused SID input
-    beam_width: int = 50  # beams for reranker training and evaluation
+    # beams for reranker training and evaluation: what the gateway searches for the protocol's
+    # top 30 (2 per item asked, `GENREC_CANDIDATES_PER_ITEM`), so `served` is the API's answer
+    beam_width: int = 60
     # neighbours kept per item by the reranker's item graph (`item_graph.py`)
     item_neighbours: int = field(default=50, metadata={"absent": 0})
     reranker_rounds: int = 200

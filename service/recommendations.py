@@ -58,7 +58,7 @@ class Ask:
 
     k: int
     words: str = ""  # the user's own words
-    beam_width: int = 0  # 0: the configured width
+    beam_width: int = 0  # 0: the configured width (widened for a large k: `search_width`)
     prompt_weight: float = 0.0  # weight of prompt-to-item content similarity in the ranking
     excluded: frozenset[int] = frozenset()
     market: str | None = None
@@ -147,7 +147,7 @@ class Recommendations:
         ask = Ask(
             k=req.length,
             words=req.prompt,
-            beam_width=max(self.settings.playlist_beam_width, req.length),
+            beam_width=self.settings.playlist_beam_width,
             prompt_weight=self.settings.playlist_prompt_weight,
             market=req.context.market if req.context else None,
         )
@@ -212,7 +212,7 @@ class Recommendations:
         missed deadline, none and `ann` (the backfill then decides ann or popularity)."""
         with trace.stage("project"):
             prompt = self._prompt(facts, words)
-        width = max(ask.beam_width or self.settings.beam_width, ask.k)
+        width = self.settings.search_width(ask.k, ask.beam_width)
         try:
             with trace.stage("generate"):
                 searched = await self.batcher.search(

@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from model_store.config import PRESETS
+from model_store.evaluate import TOP_K
 from service.rules import RULE_NAMES as RULES
-from service.settings import Settings
+from service.settings import MAX_BEAM_WIDTH, Settings
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -38,6 +40,19 @@ def test_environment_overrides_and_validation(monkeypatch: pytest.MonkeyPatch) -
         with pytest.raises(ValidationError):
             Settings()
         monkeypatch.delenv(name)
+
+
+def test_a_large_top_k_widens_the_search_so_the_reranker_can_choose() -> None:
+    s = Settings(beam_width=20, candidates_per_item=2.0)
+    assert [s.search_width(k) for k in (1, 10, 11, 30)] == [20, 20, 22, 60]
+    assert s.search_width(20, beam_width=50) == 50 and s.search_width(40, beam_width=50) == 80
+    assert Settings(candidates_per_item=3.0).search_width(100) == MAX_BEAM_WIDTH
+
+
+def test_the_evaluation_searches_as_wide_as_the_gateway_for_its_top_k() -> None:
+    """`served` in a full build's eval.json is the REST API's answer to k=30 at the
+    gateway's defaults only while both search the same number of beams."""
+    assert PRESETS["full"].beam_width == Settings().search_width(TOP_K)
 
 
 def test_api_key_parsing_and_scopes(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -49,9 +49,6 @@ class LLMConfig:
     p_drop_context: float = 0.3
     p_ask: float = 0.2
     p_less: float = 0.1  # also name a genre absent from the window's later items
-    # a window with a state before it is cut to its first two items: the `soft` mode's regime
-    # (the soft token and one item), which a full window trains on one target in twenty
-    p_short: float = field(default=0.0, metadata={"absent": 0.0})
     bf16: bool = False  # autocast the forward pass to bfloat16 (fp32 master weights)
     distill: float = 0.0  # weight of the user model's per-level targets (`distill.py`): off,
     # as on the test split it lowered the served pipeline (BENCHMARKS.md)
@@ -185,8 +182,6 @@ def _window_example(
     rng: np.random.Generator,
 ) -> Example:
     items = data.train[user][start : start + cfg.window]
-    if cfg.p_short > 0 and start > 0 and rng.random() < cfg.p_short:
-        items = items[:2]
     point = _soft_point(cfg, start, len(items), rng)
     n_soft = cfg.n_soft if point is not None else 0
     keep_context = rng.random() >= cfg.p_drop_context

@@ -160,8 +160,8 @@ class Settings(BaseSettings):
     )
     log_json: bool = Field(False, description="Structured logs as JSON lines.")
 
-    def search_width(self, k: int, beam_width: int | None = None) -> int:
-        """Beams to search for a top-k: the configured width (or `beam_width`), widened to
+    def search_width(self, k: int, beam_width: int = 0) -> int:
+        """Beams to search for a top-k: `beam_width` (0: the configured width), widened to
         `candidates_per_item` per item asked so the reranker has items to choose from."""
         wanted = max(beam_width or self.beam_width, math.ceil(self.candidates_per_item * k))
         return min(wanted, MAX_BEAM_WIDTH)

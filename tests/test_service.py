@@ -127,6 +127,18 @@ def test_bad_requests_get_clear_4xx(live: Live) -> None:
     )
     assert r.status_code == 413
 
+    def chunks(total: int) -> Iterator[bytes]:  # no Content-Length: sent chunked
+        yield b'{"user_id": "1", "k": 3' + b" " * (total - 24)
+        yield b"}"
+
+    url = f"{live.service.base}/v1/recommendations"
+    headers = {"content-type": "application/json"}
+    r = httpx.post(url, content=chunks(5_000_000), headers=headers)
+    assert r.status_code == 413, r.text
+    r = httpx.post(url, content=chunks(1_000), headers=headers)
+    assert r.status_code == 200, r.text
+    assert len(r.json()["items"]) == 3
+
 
 _json = st.recursive(
     st.none() | st.booleans() | st.integers(-(10**6), 10**6) | st.text(max_size=20),

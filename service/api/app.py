@@ -39,6 +39,7 @@ def create_app(settings: Settings | None = None, announce: str | None = None) ->
     )
     app.state.runtime = runtime
     app.middleware("http")(middleware.observe(runtime))
+    app.add_middleware(middleware.BodyLimit)  # outermost: before anything reads the body
     errors.install(app)
     routers = (
         recommendations.router, profiles.router, events.router, admin.router, probes.router,

@@ -8,6 +8,8 @@ welcome: events are how new users arrive.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from collections.abc import Sequence
 from typing import Annotated, Any, Literal
@@ -20,6 +22,9 @@ from service.schemas import USER_ID, ItemUri, Strict
 from service.userstore import LoggedEvent, StoreUnavailable, UserStore
 
 MAX_EVENTS = 500
+LOG_COUNT_EVERY_S = 60.0
+"""How often, at most, the gateway counts the event log for `genrec_event_log_length` (while
+events arrive): 16384 pipelined XLENs, a few milliseconds of Redis a minute per gateway."""
 EVENT_ID = r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$"
 EventType = Literal["play", "finish", "skip", "like", "dislike"]
 
@@ -65,6 +70,8 @@ class Events:
         self.catalog = catalog
         self.store = store
         self.dedup_s = dedup_s
+        self._counted_at = -LOG_COUNT_EVERY_S
+        self._counting: asyncio.Task[None] | None = None
 
     async def ingest(self, raw: Sequence[Any]) -> EventsAccepted:
         """Validates each event, then logs the valid ones in one round trip."""
@@ -74,17 +81,31 @@ class Events:
         duplicates = 0
         if valid:
             try:
-                ids, length = await self.store.append_events(valid, self.dedup_s)
+                ids = await self.store.append_events(valid, self.dedup_s)
             except StoreUnavailable as e:
                 metrics.EVENTS.labels("any", "unavailable").inc(len(valid))
                 raise EventsUnavailable(str(e)) from e
-            metrics.EVENT_LOG_LENGTH.set(length)
+            self._count_log_soon(self.store)
             for event, entry in zip(valid, ids, strict=True):
                 metrics.EVENTS.labels(event.type, "accepted" if entry else "duplicate").inc()
             duplicates = sum(entry is None for entry in ids)
         return EventsAccepted(
             accepted=len(valid) - duplicates, duplicates=duplicates, rejected=rejected
         )
+
+    def _count_log_soon(self, store: UserStore) -> None:
+        """Counts the event log in the background, at most every `LOG_COUNT_EVERY_S`: the
+        gauge is exact (the shards' lengths summed), and no answer waits for it."""
+        now = time.monotonic()
+        if now - self._counted_at < LOG_COUNT_EVERY_S:
+            return
+        self._counted_at = now
+        self._counting = asyncio.get_running_loop().create_task(self._count_log(store))
+
+    @staticmethod
+    async def _count_log(store: UserStore) -> None:
+        with contextlib.suppress(StoreUnavailable):  # the gauge keeps its last count
+            metrics.EVENT_LOG_LENGTH.set(await store.event_log_length())
 
     def _validate(self, raw: Sequence[Any]) -> tuple[list[LoggedEvent], list[Rejected]]:
         now = time.time()

@@ -92,7 +92,7 @@ EVENTS = Counter(
 )
 EVENT_LOG_LENGTH = Gauge(
     "genrec_event_log_length",
-    "Entries in the event log not yet consumed by a daily embedding run (as last seen).",
+    "Entries in the event log not yet consumed by a daily embedding run (as last counted).",
     registry=REGISTRY,
 )
 EMBEDDING_AGE = Gauge(

@@ -45,6 +45,9 @@ from model_store.userstate.keys import (
 
 log = structlog.get_logger(__name__)
 
+LOG_LENGTH_CHUNK = 4096
+"""XLENs per pipeline when the event log is counted (four round trips for 16384 shards)."""
+
 # KEYS: state (of the cached version), profile, live, dislikes, skips; ARGV: embedding
 # field, history field, '1' when a version is current.
 _FETCH = """
@@ -57,7 +60,7 @@ return {state[1], state[2], profile[1], profile[2], redis.call('LRANGE', KEYS[3]
 
 # KEYS: the bucket's log shard, then per event (seen, live, dislikes, skips); ARGV: dedup
 # seconds, live cap, then per event (id, user, uri, type, ts); all events of one bucket.
-# Per event: its log entry id, or 0 when the id was seen before. Then the shard's length.
+# Per event: its log entry id, or 0 when the id was seen before.
 _APPEND_EVENTS = """
 local out = {}
 local k = 1
@@ -84,7 +87,6 @@ for b = 3, #ARGV, 5 do
   end
   k = k + 4
 end
-out[#out + 1] = redis.call('XLEN', KEYS[1])
 return out
 """
 
@@ -230,14 +232,12 @@ class UserStore:
             skips=frozenset(u.decode() for u in skips),
         )
 
-    async def append_events(
-        self, events: list[LoggedEvent], dedup_s: int
-    ) -> tuple[list[str | None], int]:
+    async def append_events(self, events: list[LoggedEvent], dedup_s: int) -> list[str | None]:
         """Logs each event not seen in the last `dedup_s` seconds and adds it to its user's
         live list, atomically per bucket (one script call per bucket the events touch, all
-        at once): (log entry id, or None for a duplicate, per event; the log's length,
-        estimated from the shards touched). A failed call fails the whole batch; events it
-        did log are duplicates when the client sends the batch again."""
+        at once): its log entry id, or None for a duplicate, per event. A failed call fails
+        the whole batch; events it did log are duplicates when the client sends the batch
+        again."""
         groups: dict[int, list[int]] = {}
         for i, e in enumerate(events):
             groups.setdefault(bucket_of(e.user_id), []).append(i)
@@ -253,12 +253,21 @@ class UserStore:
             batches.append((keys, args))
         replies = await self.call(self._append_all(batches))
         ids: list[str | None] = [None] * len(events)
-        lengths = []
         for members, reply in zip(groups.values(), replies, strict=True):
-            for i, entry in zip(members, reply[:-1], strict=True):
+            for i, entry in zip(members, reply, strict=True):
                 ids[i] = None if entry == 0 else entry.decode()
-            lengths.append(int(reply[-1]))
-        return ids, round(sum(lengths) / max(len(lengths), 1) * BUCKETS)
+        return ids
+
+    async def event_log_length(self) -> int:
+        """Entries in the event log: every shard's length, summed (one XLEN per bucket, in a
+        few pipelines; a cluster's pipeline sends each node its share)."""
+        total = 0
+        for start in range(0, BUCKETS, LOG_LENGTH_CHUNK):
+            pipe = self._client.pipeline(transaction=False)
+            for bucket in range(start, min(start + LOG_LENGTH_CHUNK, BUCKETS)):
+                pipe.xlen(bucket_log_key(bucket))
+            total += sum(await self.call(pipe.execute()))
+        return int(total)
 
     async def _append_all(self, batches: list[tuple[list[str], list[Any]]]) -> list[Any]:
         calls = (self._append_events(keys=keys, args=args) for keys, args in batches)

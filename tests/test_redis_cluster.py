@@ -279,12 +279,13 @@ def test_the_store_reads_one_version_per_answer_while_versions_flip(
             await store.fetch(user)  # caches the version current now
             _republish(client, bundle, flipped=True)  # the cache is now a flip behind
             state = await store.fetch(user)
-            ids, _ = await store.append_events(
+            ids = await store.append_events(
                 [LoggedEvent(f"s{next(_ids)}", user, str(bundle.catalog["uri"][3]), "play", 0)],
                 dedup_s=60,
             )
             after = await store.fetch(user)
             assert ids[0] is not None and after.live[-1].startswith(ids[0])
+            assert await store.event_log_length() == log_length(client) > 0  # every node
             assert state.embedding is not None and state.history is not None
             return float(state.embedding @ bundle.user_embeddings[5]), len(state.history)
         finally:

@@ -161,9 +161,25 @@ def checksum(files: Mapping[str, bytes]) -> str:
     return digest.hexdigest()
 
 
+def dataset_name(directory: Path) -> str:
+    """The atomic files' name in `directory` (see :func:`load_dataset`)."""
+    if (directory / f"{directory.name}.inter").is_file():
+        return directory.name
+    found = sorted(p.stem for p in directory.glob("*.inter"))
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        raise DataError(f"{directory}: no .inter file (atomic files: NAME.inter, NAME.item)")
+    raise DataError(f"{directory}: several datasets ({', '.join(found)}); name one")
+
+
 def load_dataset(directory: Path, name: str | None = None) -> Dataset:
-    """Read `<name>.inter`, `<name>.item` and optionally `<name>.user` from `directory`."""
-    name = name or directory.name
+    """Read `<name>.inter`, `<name>.item` and optionally `<name>.user` from `directory`.
+
+    Without a `name`: the directory's own name (RecBole's layout, `ml-100k/ml-100k.inter`),
+    else the stem of the directory's only `.inter` file (what `genrec data synth --out DIR`
+    writes, whatever DIR is called)."""
+    name = name or dataset_name(directory)
     raw: dict[str, bytes] = {}
     for suffix in SUFFIXES:
         path = directory / f"{name}.{suffix}"

@@ -144,9 +144,19 @@ def test_synthetic_round_trip(
 ) -> None:
     ds = generate(n_users, n_items, n_clusters, mean_len, seed)
     write_atomic(ds, tmp_path / "gen")
-    back = load_dataset(tmp_path / "gen", "synthetic")
+    back = load_dataset(tmp_path / "gen")  # named by its only .inter file, not the folder
     assert_same(ds, back)
     assert back.checksum == ds.checksum
+
+
+def test_a_folder_of_several_datasets_needs_a_name(tmp_path: Path) -> None:
+    for name in ("alpha", "beta"):
+        write_files(tmp_path / "both", name, inter=INTER, item=ITEM)
+    with pytest.raises(DataError, match="several datasets \\(alpha, beta\\)"):
+        load_dataset(tmp_path / "both")
+    assert load_dataset(tmp_path / "both", "beta").name == "beta"
+    with pytest.raises(DataError, match="no \\.inter file"):
+        load_dataset(tmp_path)
 
 
 # --- loading semantics ------------------------------------------------------------------

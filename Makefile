@@ -2,8 +2,8 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 GENREC := $(VENV)/bin/genrec
-BUNDLE ?= bundles/ml-100k
 PRESET ?= full
+BUNDLE ?= $(if $(filter full,$(PRESET)),bundles/ml-100k,bundles/ml-100k-$(PRESET))
 PIP_ARGS ?=
 
 .PHONY: install demo serve build eval test lint clean deploy-tools test-deploy images
@@ -22,7 +22,8 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # The main job: fetch ML-100K, build + evaluate a bundle (once), publish user embeddings to
-# Redis, and serve it (REST on :8000, gRPC on :50051). PRESET=tiny builds in about a minute.
+# Redis, and serve it (REST on :8000, gRPC on :50051). PRESET=tiny builds in seconds, into
+# bundles/ml-100k-tiny (`make serve PRESET=tiny` serves it again).
 demo: install
 	$(GENREC) demo --bundle $(BUNDLE) --preset $(PRESET)
 
@@ -31,7 +32,7 @@ serve: install
 	$(GENREC) serve --bundle $(BUNDLE)
 
 build: install
-	$(GENREC) build --dataset ml-100k --out $(BUNDLE)
+	$(GENREC) build --dataset ml-100k --preset $(PRESET) --out $(BUNDLE)
 
 eval: install
 	$(GENREC) eval $(BUNDLE)

@@ -162,11 +162,32 @@ def next_episode_command(
         raise fail(f"{e.code().name}: {e.details()}") from e
 
 
+def demo_bundle(preset: str) -> Path:
+    """Where `genrec demo` keeps the bundle of `preset`: one directory per preset, so a tiny
+    demo never stands in for the full one."""
+    return DEFAULT_BUNDLE if preset == "full" else DEFAULT_BUNDLE.with_name(f"ml-100k-{preset}")
+
+
+def check_demo_bundle(bundle: Path, preset: str) -> None:
+    """Refuses to demo a bundle built with another preset than the one asked for."""
+    from model_store.evaluate import bundle_preset
+
+    built = bundle_preset(json.loads((bundle / "manifest.json").read_text()))
+    if built is not None and built != preset:
+        raise fail(
+            f"{bundle} holds a {built} bundle, not {preset}: pass --preset {built}, another "
+            f"--bundle, or remove {bundle} to build it again"
+        )
+
+
 @online.command()
 def demo(
-    bundle: Annotated[Path, typer.Option(help="Bundle directory.")] = DEFAULT_BUNDLE,
+    bundle: Annotated[
+        Path | None,
+        typer.Option(help="Bundle directory [bundles/ml-100k; bundles/ml-100k-tiny for tiny]."),
+    ] = None,
     preset: Annotated[
-        Preset, typer.Option(help="full: the measured model (~15 min); tiny: ~1 min.")
+        Preset, typer.Option(help="full: the measured model (~21 min); tiny: seconds.")
     ] = Preset.full,
     port: int = 8000,
     grpc_port: int = 50051,
@@ -174,19 +195,21 @@ def demo(
 ) -> None:
     """Everything a newcomer needs: data, a bundle (built once), embeddings in Redis, and
     the service, with a request to copy."""
-    from model_store import data
-    from model_store.build import build
     from model_store.config import PRESETS
 
+    bundle = bundle or demo_bundle(preset.value)
     settings = _settings(bundle=bundle, port=port, grpc_port=grpc_port)
-    if not (bundle / "manifest.json").is_file():
+    if (bundle / "manifest.json").is_file():
+        check_demo_bundle(bundle, preset.value)
+    else:
         set_threads(threads)
         typer.echo(f"building a {preset.value} bundle into {bundle} (once) ...")
-        build(
+        offline.run_build(
             load_named_dataset("ml-100k"),
             bundle,
             PRESETS[preset.value],
-            cache_dir=data.default_cache_dir(),
+            source=offline.dataset_source("ml-100k"),
+            preset=preset.value,
         )
     from model_store.bundle import load_bundle
 

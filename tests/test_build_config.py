@@ -1,13 +1,15 @@
 """Build configuration: `--set` overrides, the manifest round trip seed siblings are built
-from, and the validation holdout that tuning runs on."""
+from, the validation holdout that tuning runs on, and which bundle the demo builds."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
+import typer
 
 from model_store.build import plan_split
 from model_store.config import PRESETS, BuildConfig, override
@@ -63,3 +65,16 @@ def test_the_validation_holdout_never_sees_the_test_item() -> None:
     for fit, published, seq in zip(validation.fit, validation.published, seqs, strict=True):
         assert seq[-1] not in fit.tolist() or len(seq) < 3
         assert seq[-1] not in published.tolist() or len(seq) < 3
+
+
+def test_the_demo_keeps_one_bundle_per_preset(tmp_path: Path) -> None:
+    """A tiny demo never stands in for the full one: its own directory by default, and a
+    directory holding another preset's bundle is refused with the way out."""
+    from service.cli import DEFAULT_BUNDLE, check_demo_bundle, demo_bundle
+
+    assert demo_bundle("full") == DEFAULT_BUNDLE
+    assert demo_bundle("tiny") != DEFAULT_BUNDLE
+    (tmp_path / "manifest.json").write_text(json.dumps({"preset": "tiny"}))
+    check_demo_bundle(tmp_path, "tiny")
+    with pytest.raises(typer.Exit):
+        check_demo_bundle(tmp_path, "full")

@@ -138,11 +138,28 @@ class Ranker:
 
     def _asked(self, facts: UserFacts, intent: Intent, seen: set[int], n: int) -> list[Candidate]:
         """The best `n` items for the user with everything the intent asks for (drawn from its
-        genres and creators; an era or a kind alone only reorders)."""
+        genres and creators, else from its era; a kind alone only reorders)."""
         groups = [self.catalog.items_by_genre.get(g) for g in intent.genres]
         groups += [self.catalog.items_by_creator.get(c) for c in intent.creators]
+        if not groups and intent.years:
+            groups = [self._released_in(*intent.years)]
         best = self._best_for(facts, self._unseen(groups, seen), 10 * n, "asked for")
         return [c for c in best if self._matches(intent, [c.item])[0] == 1.0][:n]
+
+    @cached_property
+    def _by_year(self) -> tuple[np.ndarray, np.ndarray]:
+        """Items in release-year order, and their years (unknown years last)."""
+        year = np.asarray(self.core.table.year, dtype=np.float32)
+        order = np.argsort(year, kind="stable")
+        return order, year[order]
+
+    def _released_in(self, first: int, last: int) -> np.ndarray:
+        """Items released from `first` to `last` (inclusive): two binary searches, not a
+        scan of the catalog."""
+        order, years = self._by_year
+        lo = int(np.searchsorted(years, first, side="left"))
+        hi = int(np.searchsorted(years, last, side="right"))
+        return order[lo:hi]
 
     def backfill(
         self, facts: UserFacts, seen: set[int], n: int

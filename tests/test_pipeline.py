@@ -212,3 +212,13 @@ def test_a_playlist_asked_in_plain_words_follows_their_meaning(bundle, torch_eng
     assert sum("western" in genres[u] for u in cowboys) >= 8, [genres[u] for u in cowboys]
     vague = playlist("what should I watch next")
     assert max(sum(g in genres[u] for u in vague) for g in {"drama", "comedy"}) <= 4
+
+
+def test_a_recommendation_asked_for_an_era_holds_its_releases(bundle, torch_engine, redis_server):
+    """An era alone names no genre the model could write: the user's best releases of the
+    era join the pool, and the intent's boost puts them first."""
+    user, _ = _user(bundle)
+    years = dict(zip(bundle.catalog["uri"], bundle.item_array("year"), strict=True))
+    req = RecommendationRequest(user_id=user, k=10, prompt="something from the 1970s")
+    items = [i.uri for i in _run(bundle, torch_engine, redis_server.url, req).items]
+    assert sum(1970 <= years[u] <= 1979 for u in items) >= 8, [years[u] for u in items]

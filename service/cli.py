@@ -24,6 +24,7 @@ from model_store.cli import (
     set_threads,
 )
 from model_store.userstate.connect import redis_url_or_embedded
+from service.schemas import MAX_K
 from service.settings import Settings
 
 DEFAULT_BUNDLE = Path("bundles/ml-100k")
@@ -88,6 +89,13 @@ def _serve(settings: Settings, announce: str | None = None) -> None:
     from service.api.app import create_app
     from service.api.runtime import run_server
 
+    # What a start would only find out past uvicorn (a traceback, then "startup failed"):
+    # said here in one line instead. Checksums and the rest are the runtime's to verify.
+    if not (settings.bundle / "manifest.json").is_file():
+        raise fail(f"{settings.bundle}: no bundle here (no manifest.json); see genrec build")
+    if settings.availability_file is not None and not settings.availability_file.is_file():
+        raise fail(f"GENREC_AVAILABILITY_FILE {settings.availability_file}: no such file")
+
     # The engine core in the gateway's process: the simplest shape, and ~3x faster to start.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     run_server(create_app(settings, announce=announce))
@@ -146,7 +154,7 @@ def engine_server(
 def next_episode_command(
     user: Annotated[str, typer.Option(help="User id.")],
     current: Annotated[str, typer.Option(help="Item URI being played now.")] = "",
-    k: int = 10,
+    k: Annotated[int, typer.Option(min=1, max=MAX_K, help="Items to answer.")] = 10,
     target: Annotated[str, typer.Option(help="gRPC host:port.")] = "127.0.0.1:50051",
     api_key: Annotated[str | None, typer.Option(envvar="GENREC_API_KEY")] = None,
 ) -> None:

@@ -169,7 +169,8 @@ async def _framework_error(request: Request, exc: Exception) -> JSONResponse:
     invalid input like any other (422); a 405 lists every method the path has."""
     status = exc.status_code if isinstance(exc, HTTPException) else 500
     if status == 400:
-        detail = [{"loc": ["body"], "msg": "the body is not UTF-8 JSON", "type": "json_invalid"}]
+        msg = "the body cannot be parsed as UTF-8 JSON"
+        detail = [{"loc": ["body"], "msg": msg, "type": "json_invalid"}]
         return error_response(422, "invalid request", detail)
     headers = None
     if status == 405:

@@ -25,6 +25,9 @@ MAX_EVENTS = 500
 LOG_COUNT_EVERY_S = 60.0
 """How often, at most, the gateway counts the event log for `genrec_event_log_length` (while
 events arrive): 16384 pipelined XLENs, a few milliseconds of Redis a minute per gateway."""
+MAX_AHEAD_S = 24 * 3600.0
+"""How far in the future an event's `ts` may lie (a device's clock running ahead); beyond it
+the event is rejected, since the daily run orders and windows events by it."""
 EVENT_ID = r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,127}$"
 EventType = Literal["play", "finish", "skip", "like", "dislike"]
 
@@ -119,6 +122,9 @@ class Events:
                 continue
             if event.item not in self.catalog.uri_index:
                 rejected.append(Rejected(index=index, error=f"unknown item {event.item!r}"))
+                continue
+            if event.ts is not None and event.ts > now + MAX_AHEAD_S:
+                rejected.append(Rejected(index=index, error="ts: more than a day in the future"))
                 continue
             ts = event.ts if event.ts is not None else now
             valid.append(LoggedEvent(event.event_id, event.user_id, event.item, event.type, ts))

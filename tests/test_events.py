@@ -107,12 +107,14 @@ def test_a_repeated_event_id_counts_once_and_bad_events_are_rejected_by_index(
     log = sync_client(live.redis.url)
     before = log.xlen(event_log_key(user))
     once = _event(user, uri, event_id="device-42:1")
-    r = live.events([once, _event(user, "ml-100k:movie:999999"), {"event_id": "x"}, once])
+    future = {**_event(user, uri), "ts": time.time() + 3 * 86400}
+    r = live.events([once, _event(user, "ml-100k:movie:999999"), {"event_id": "x"}, once, future])
     assert r.status_code == 202, r.text
     body = r.json()
     assert body["accepted"] == 1 and body["duplicates"] == 1
-    assert [x["index"] for x in body["rejected"]] == [1, 2]
+    assert [x["index"] for x in body["rejected"]] == [1, 2, 4]
     assert "unknown item" in body["rejected"][0]["error"]
+    assert "future" in body["rejected"][2]["error"]
     assert log.xlen(event_log_key(user)) == before + 1
     again = live.events([once]).json()
     assert again == {"accepted": 0, "duplicates": 1, "rejected": []}

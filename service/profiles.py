@@ -30,6 +30,16 @@ class ProfileUnavailable(Exception):
     """Edits cannot be read or stored: Redis is down."""
 
 
+class UnknownNames(ValueError):
+    """An edit names genres, creators or items the catalog does not have (a typo, or a URI
+    of another catalog): refused rather than stored and shown back."""
+
+    def __init__(self, unknown: dict[str, list[str]]) -> None:
+        named = "; ".join(f"{kind} {', '.join(map(repr, v))}" for kind, v in unknown.items())
+        super().__init__(f"not in this catalog: {named}")
+        self.unknown = unknown
+
+
 class Profiles:
     def __init__(self, users: UserReader, store: UserStore | None, catalog: Catalog) -> None:
         self.users = users
@@ -48,7 +58,24 @@ class Profiles:
 
     async def patch(self, user_id: str, patch: TasteEdits, if_match: int | None) -> int:
         """Merges `patch` into the stored edits; the new revision."""
+        unknown = self._unknown(patch)
+        if unknown:
+            raise UnknownNames(unknown)
         return await self._update(user_id, if_match, lambda current: current.apply(patch))
+
+    def _unknown(self, patch: TasteEdits) -> dict[str, list[str]]:
+        """What `patch` names that the catalog does not have, by kind (empty: nothing)."""
+        sets = (patch.more, patch.less, patch.forget)
+        known = {
+            "genres": self.catalog.items_by_genre,
+            "creators": self.catalog.creator_names,
+            "items": self.catalog.uri_index,
+        }
+        unknown = {
+            kind: sorted({n for t in sets for n in getattr(t, kind) if n not in names})
+            for kind, names in known.items()
+        }
+        return {kind: names for kind, names in unknown.items() if names}
 
     async def reset(self, user_id: str, if_match: int | None) -> int:
         """Clears every edit (a new revision, so readers of the old one see the change)."""

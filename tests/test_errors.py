@@ -19,7 +19,7 @@ from service.api.errors import ERRORS, kind_of
 from service.api.routes.profiles import IF_MATCH, revision
 from service.api.serving import BundleNotFound, OutsideRoot, RolloutBusy
 from service.events import EventsUnavailable
-from service.profiles import ProfileUnavailable, StaleRevision
+from service.profiles import ProfileUnavailable, StaleRevision, UnknownNames
 
 
 class Pair(BaseModel):
@@ -53,6 +53,13 @@ CASES: list[tuple[Exception, int, grpc.StatusCode, str, object]] = [
         grpc.StatusCode.FAILED_PRECONDITION,
         "revision 2 is stale; the profile is at revision 5",
         {"revision": 5},
+    ),
+    (
+        UnknownNames({"genres": ["thriler"]}),
+        422,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "not in this catalog: genres 'thriler'",
+        {"genres": ["thriler"]},
     ),
     (
         ProfileUnavailable("redis is down"),

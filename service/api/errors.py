@@ -26,7 +26,7 @@ from service.admission import Overloaded
 from service.api.auth import Forbidden, RateLimited, Unauthenticated
 from service.api.serving import BundleNotFound, OutsideRoot, RolloutBusy
 from service.events import EventsUnavailable
-from service.profiles import ProfileUnavailable, StaleRevision
+from service.profiles import ProfileUnavailable, StaleRevision, UnknownNames
 
 
 class ErrorBody(BaseModel):
@@ -56,6 +56,9 @@ ERRORS: dict[type[Exception], ErrorKind] = {
         412,
         grpc.StatusCode.FAILED_PRECONDITION,
         detail=lambda e: {"revision": getattr(e, "current", None)},
+    ),
+    UnknownNames: ErrorKind(
+        422, grpc.StatusCode.INVALID_ARGUMENT, detail=lambda e: getattr(e, "unknown", None)
     ),
     ProfileUnavailable: ErrorKind(
         503, grpc.StatusCode.UNAVAILABLE, message=lambda e: f"taste profile unavailable: {e}"

@@ -30,6 +30,10 @@ RedisUrl = Annotated[
     str | None, typer.Option(envvar="REDIS_URL", help="Redis URL (default: embedded).")
 ]
 RedisDb = Annotated[Path, typer.Option(envvar="GENREC_REDIS_DB", help="Embedded Redis file.")]
+HistoryLen = Annotated[
+    int,
+    typer.Option(envvar="GENREC_HISTORY_LEN", min=1, help="Items kept per user in Redis."),
+]
 RedisCluster = Annotated[
     bool,
     typer.Option(
@@ -359,7 +363,7 @@ def embed_users_command(
     snapshots: Annotated[
         Path, typer.Option(help="Parquet snapshots of the published histories.")
     ] = Path("data/snapshots"),
-    history_len: int = 1000,
+    history_len: HistoryLen = 1000,
 ) -> None:
     """Recompute every user's embedding from their latest history (the event log since the
     last run) on Ray Data, and publish it as a new version (the daily batch job)."""

@@ -15,6 +15,7 @@ from model_store import cli as offline
 from model_store.bundle import Bundle
 from model_store.cli import (
     DEFAULT_REDIS_DB,
+    HistoryLen,
     Preset,
     RedisCluster,
     RedisDb,
@@ -44,7 +45,7 @@ def publish_embeddings(
     redis_url: RedisUrl = None,
     redis_db: RedisDb = DEFAULT_REDIS_DB,
     redis_cluster: RedisCluster = False,
-    history_len: int = 1000,
+    history_len: HistoryLen = 1000,
     force: Annotated[
         bool, typer.Option(help="Publish even when a version of this bundle is current.")
     ] = False,

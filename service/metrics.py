@@ -34,7 +34,7 @@ REQUESTS = Counter(
 )
 STAGE_SECONDS = Histogram(
     "genrec_stage_seconds",
-    "Time per pipeline stage: redis, project, generate, rerank, rules, fallback.",
+    "Time per pipeline stage: redis, words, project, generate, rerank, rules, fallback.",
     ["stage"],
     buckets=BUCKETS,
     registry=REGISTRY,
@@ -48,7 +48,7 @@ SERVED = Counter(
 FALLBACKS = Counter(
     "genrec_fallbacks",
     "Degraded answers by reason (unknown_user, no_embedding, redis_down, stale_embedding, "
-    "engine_error, engine_deadline, no_user_vector).",
+    "engine_error, engine_deadline).",
     ["reason"],
     registry=REGISTRY,
 )

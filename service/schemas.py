@@ -48,7 +48,10 @@ class RecommendationRequest(Strict):
 class PlaylistRequest(Strict):
     user_id: str = Field(pattern=USER_ID, examples=["196"])
     prompt: str = Field(
-        min_length=1, max_length=MAX_PROMPT_CHARS, examples=["a dark sci-fi thriller"]
+        min_length=1,
+        max_length=MAX_PROMPT_CHARS,
+        pattern=r"\S",  # some words: blanks alone ask for nothing
+        examples=["a dark sci-fi thriller"],
     )
     length: int = Field(20, ge=1, le=MAX_K)
     context: RequestContext | None = None

@@ -109,7 +109,10 @@ class Settings(BaseSettings):
         description="How often a gateway reads the active user-state version again (cached).",
     )
     history_len: int = Field(
-        1000, ge=1, description="Items kept per user in Redis (the no-repeats rule reads them)."
+        1000,
+        ge=1,
+        description="Items kept per user in Redis (the no-repeats rule reads them): what "
+        "publish-embeddings, embed-users and the demo write.",
     )
     rules: Annotated[list[str], NoDecode] = Field(
         list(RULE_NAMES), description="Business rules to apply, in order (comma-separated)."

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
+from pydantic import Strict as PydanticStrict
 
 USER_ID = r"^[A-Za-z0-9][A-Za-z0-9_.:\-]{0,63}$"
 ITEM_URI = r"^[a-z0-9][a-z0-9\-]*:[a-z]+:[A-Za-z0-9_.\-]{1,64}$"
@@ -13,6 +14,15 @@ ItemUri = Annotated[str, StringConstraints(pattern=ITEM_URI)]
 MAX_K = 100
 
 ServedBy = Literal["generative", "prompt-only", "ann", "popularity"]
+
+
+def _whole(value: object) -> object:
+    """JSON Schema's integer is 5 or 5.0; pydantic's lax mode would also take "5" and true."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Whole = Annotated[int, BeforeValidator(_whole), PydanticStrict()]
+"""An integer as JSON Schema has it: a number with no fraction, not a string or a boolean."""
 
 
 class Strict(BaseModel):
@@ -32,7 +42,7 @@ class RequestContext(Strict):
 class RecommendationRequest(Strict):
     user_id: str = Field(pattern=USER_ID, examples=["196"])
     surface: str = Field("home", pattern=r"^[a-z][a-z0-9_\-]{0,31}$", examples=["home"])
-    k: int = Field(10, ge=1, le=MAX_K)
+    k: Whole = Field(10, ge=1, le=MAX_K)
     context: RequestContext | None = None
     prompt: str | None = Field(
         None, max_length=MAX_PROMPT_CHARS, description="The user's own words, if any."
@@ -53,7 +63,7 @@ class PlaylistRequest(Strict):
         pattern=r"\S",  # some words: blanks alone ask for nothing
         examples=["a dark sci-fi thriller"],
     )
-    length: int = Field(20, ge=1, le=MAX_K)
+    length: Whole = Field(20, ge=1, le=MAX_K)
     context: RequestContext | None = None
 
 

@@ -103,6 +103,9 @@ def test_grpc_health_reflection_and_errors(live: Live) -> None:
 BAD_BODIES = [
     ({"user_id": "1", "k": 0}, 422),
     ({"user_id": "1", "k": 101}, 422),
+    ({"user_id": "1", "k": "5"}, 422),
+    ({"user_id": "1", "k": True}, 422),
+    ({"user_id": "1", "k": 5.5}, 422),
     ({"user_id": "1", "unexpected": True}, 422),
     ({"user_id": "a b"}, 422),
     ({"user_id": "1", "prompt": "x" * 501}, 422),

@@ -85,7 +85,8 @@ class Profiles:
         self, user_id: str, if_match: int | None, change: Callable[[TasteEdits], TasteEdits]
     ) -> int:
         """Read, change, compare-and-set; with `if_match`, only from that revision, else
-        retried a few times over concurrent writes. The new revision."""
+        retried a few times over concurrent writes. The new revision (the same one when the
+        change changes nothing: a repeated PATCH is idempotent)."""
         store = self.store
         if store is None:
             raise ProfileUnavailable("no Redis configured")
@@ -95,8 +96,12 @@ class Profiles:
                 if if_match is not None and if_match != revision:
                     raise StaleRevision(if_match, revision)
                 current = TasteEdits.model_validate_json(raw) if raw else TasteEdits()
-                edits = change(current).model_dump_json()
-                written, new_revision = await store.set_edits(user_id, revision, edits)
+                changed = change(current)
+                if changed == current:  # nothing new: no write, no new revision
+                    return revision
+                written, new_revision = await store.set_edits(
+                    user_id, revision, changed.model_dump_json()
+                )
                 if written:
                     return new_revision
                 if if_match is not None:

@@ -313,6 +313,10 @@ def test_taste_profile_round_trip_and_stale_revision(live: Live) -> None:
     assert r.status_code == 422, r.text
     assert r.json()["detail"] == {"genres": ["thriler"], "items": ["ml-100k:movie:99999"]}
     assert httpx.get(_profile_url(live, user)).json()["revision"] == rev
+    r = httpx.patch(_profile_url(live, user), json={"less": {"genres": ["drama"]}})
+    assert r.json()["revision"] == rev + 1
+    r = httpx.patch(_profile_url(live, user), json={"less": {"genres": ["drama"]}})
+    assert r.json()["revision"] == rev + 1  # the same edit again changes nothing
     r = httpx.patch(_profile_url(live, user), json={}, headers={"If-Match": "abc"})
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["header", "if-match"]
     assert httpx.get(_profile_url(live, "bad user")).status_code in (404, 422)

@@ -142,6 +142,12 @@ class Settings(BaseSettings):
         description="Requests per API key without a rate of its own (per client address "
         "without keys), e.g. `50/second`, counted in Redis across every gateway.",
     )
+    trusted_proxies: str = Field(
+        "",
+        description="Comma-separated addresses or networks (`10.0.0.0/8`) of proxies whose "
+        "`X-Forwarded-For` names the client (the rate limit per address without keys); "
+        "unset: none, a client is its connection's address, whatever headers it sends.",
+    )
     max_queue: int = Field(
         256, ge=1, description="Most requests admitted to wait for the engine at once."
     )

@@ -41,7 +41,7 @@ class Live:
 
 @pytest.fixture(scope="module")
 def live(tiny_bundle: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
-    env = {"GENREC_REDIS_COOLDOWN_S": "0.5"}
+    env = {"GENREC_REDIS_COOLDOWN_S": "0.5", "GENREC_RATE_LIMIT": "100000/minute"}
     with published_service(tiny_bundle, tmp_path_factory, env) as (bundle, redis, service):
         yield Live(bundle, redis, service)
 
@@ -427,3 +427,18 @@ def test_api_keys_guard_rest_and_grpc(live: Live, remote) -> None:
         next_episode(target, user, "", 5)
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert len(next_episode(target, user, "", 5, api_key=API_KEY)["items"]) == 5
+
+
+def test_a_client_cannot_pick_its_own_address_for_the_rate_limit(live: Live) -> None:
+    """Without trusted proxies, `X-Forwarded-For` names no one: every caller from this
+    address draws on one counter, whatever address it claims."""
+    url = f"{live.service.base}/v1/users/1/taste-profile"
+    left = [
+        int(
+            httpx.get(url, headers={"X-Forwarded-For": f"10.1.{n}.1"}).headers[
+                "ratelimit-remaining"
+            ]
+        )
+        for n in range(3)
+    ]
+    assert left[0] > left[1] > left[2], left

@@ -231,6 +231,10 @@ def run_server(app: FastAPI) -> None:
         port=s.port,
         log_level="warning",
         access_log=False,
+        # Only listed proxies may name the client (uvicorn would trust 127.0.0.1's): any
+        # other caller could pick its own address, and with it a fresh rate limit.
+        proxy_headers=bool(s.trusted_proxies),
+        forwarded_allow_ips=s.trusted_proxies or None,
         # Admitted requests end by their deadline (the engine answer is dropped then).
         timeout_graceful_shutdown=int(2 * s.deadline_ms / 1000.0) + 5,
     )

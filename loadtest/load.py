@@ -892,7 +892,7 @@ def main(
         typer.Option(help="Prometheus URL (default: TARGET/metrics for REST, none for gRPC)."),
     ] = None,
     out: Annotated[Path, typer.Option(help="Directory for load.json and the CDF.")] = Path(
-        "loadout"
+        "artifacts/load"
     ),
     api_key: Annotated[
         str | None, typer.Option(envvar="GENREC_API_KEY", help="Sent as Bearer (REST, gRPC).")

@@ -442,3 +442,12 @@ def test_a_client_cannot_pick_its_own_address_for_the_rate_limit(live: Live) -> 
         for n in range(3)
     ]
     assert left[0] > left[1] > left[2], left
+
+
+def test_rollouts_are_forbidden_without_a_root_and_a_browser_lands_on_the_page(
+    live: Live,
+) -> None:
+    r = httpx.post(f"{live.service.base}/v1/admin/bundle", json={"path": "v2"})
+    assert r.status_code == 403 and "GENREC_BUNDLE_ROOT" in r.json()["error"]
+    r = httpx.get(f"{live.service.base}/")
+    assert r.status_code == 307 and r.headers["location"] == "/ui"

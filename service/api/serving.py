@@ -149,7 +149,8 @@ def under_root(root: Path | None, relative: str) -> Path:
     """The bundle directory `relative` names under `root`, symlinks resolved; refused when
     rollouts are off, when it leaves the root, or when there is no directory there."""
     if root is None:
-        raise BundleNotFound("rollouts over the API are off (no GENREC_BUNDLE_ROOT)")
+        # 403, not 404: no root means every path lies outside it (a missing bundle is 404)
+        raise OutsideRoot("rollouts over the API are off (no GENREC_BUNDLE_ROOT)")
     base = root.resolve()
     target = (base / relative).resolve()
     if not target.is_relative_to(base):

@@ -16,7 +16,7 @@ from typing import Annotated
 import numpy as np
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from pydantic import BaseModel, Field
 
 from model_store.bundle import Bundle
@@ -102,6 +102,12 @@ class Projections:
 
 PROJECTIONS = Projections()
 router = APIRouter()
+
+
+@router.get("/", include_in_schema=False)
+async def home() -> RedirectResponse:
+    """A browser pointed at the gateway lands on its page."""
+    return RedirectResponse("/ui")
 
 
 @router.get("/ui", include_in_schema=False)

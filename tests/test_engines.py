@@ -382,3 +382,22 @@ def test_compiled_vllm_engine_matches_torch(
     for g, a, e in zip(got, after, expected, strict=True):
         assert [b.item for b in g] == [b.item for b in a] == [b.item for b in e]
         np.testing.assert_allclose([b.logprob for b in g], [b.logprob for b in e], atol=1e-3)
+
+
+def test_only_the_tokenizer_warmup_warning_is_dropped(vllm_engine: VLLMEngine) -> None:
+    """The engine loads no tokenizer on purpose: vLLM's warm-up complaint about it is not
+    a fault and is not logged; anything else from the same logger still is."""
+    import logging
+
+    from model_store.engines.vllm_engine import VLLM_RENDERER_LOGGER
+
+    logger = logging.getLogger(VLLM_RENDERER_LOGGER)
+
+    def record(message: str, error: Exception | None) -> logging.LogRecord:
+        info = (type(error), error, None) if error else None
+        return logger.makeRecord(logger.name, logging.WARNING, "f", 1, message, (), info)
+
+    missing = ValueError("Tokenizer not available when `skip_tokenizer_init=True`")
+    assert not logger.filter(record("Chat template warmup failed", missing))
+    assert logger.filter(record("Chat template warmup failed", RuntimeError("template bug")))
+    assert logger.filter(record("something else", missing))

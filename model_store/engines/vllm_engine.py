@@ -89,6 +89,8 @@ class VLLMEngine(EmbeddingEngine):
         options.update(llm_kwargs)
         self.model_dir = Path(model_dir)
         self.table = load_input_embeddings(self.model_dir)
+        if options["skip_tokenizer_init"]:
+            quiet_tokenizer_warmup()
         with _PROCESS_LOCK:
             self.llm: LLM | None = LLM(model=str(self.model_dir), **options)
             _open[0] += 1
@@ -128,6 +130,33 @@ class VLLMEngine(EmbeddingEngine):
             _open[0] -= 1
             _shutdown(llm.llm_engine.engine_core, others_open=_open[0] > 0)
         del llm
+
+
+class WithoutTokenizerWarmup(logging.Filter):
+    """Drops vLLM's warning that it could not warm up a chat template without a tokenizer.
+
+    The engine loads no tokenizer on purpose (`skip_tokenizer_init`: prompts are
+    embeddings), yet ``LLM`` still renders a warm-up chat and logs the tokenizer's absence
+    as a warning with a traceback on every start, which reads like a fault. Every other
+    record of that logger passes.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not (
+            record.getMessage() == "Chat template warmup failed"
+            and "skip_tokenizer_init" in str(error)
+        )
+
+
+VLLM_RENDERER_LOGGER = "vllm.renderers.base"
+
+
+def quiet_tokenizer_warmup() -> None:
+    """Installs :class:`WithoutTokenizerWarmup` on vLLM's renderer logger (once)."""
+    logger = logging.getLogger(VLLM_RENDERER_LOGGER)
+    if not any(isinstance(f, WithoutTokenizerWarmup) for f in logger.filters):
+        logger.addFilter(WithoutTokenizerWarmup())
 
 
 def pin_threads(threads: int) -> None:

@@ -224,8 +224,9 @@ def demo(
 
     url, embedded = redis_url_or_embedded(settings.redis_url, settings.redis_db)
     cluster = settings.redis_cluster
-    typer.echo(_first_run(url, load_bundle(bundle), settings.history_len, False, cluster))
-    users = set(load_bundle(bundle).users["user_id"].astype(str))
+    loaded = load_bundle(bundle)  # checksums verified once
+    typer.echo(_first_run(url, loaded, settings.history_len, False, cluster))
+    users = set(loaded.users["user_id"].astype(str))
     sample = "196" if "196" in users else sorted(users)[0]
     body = json.dumps({"user_id": sample, "k": 10})
     announce = (

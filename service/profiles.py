@@ -67,7 +67,7 @@ class Profiles:
         """What `patch` names that the catalog does not have, by kind (empty: nothing)."""
         sets = (patch.more, patch.less, patch.forget)
         known = {
-            "genres": self.catalog.items_by_genre,
+            "genres": self.catalog.genre_names,
             "creators": self.catalog.creator_names,
             "items": self.catalog.uri_index,
         }

@@ -46,9 +46,10 @@ class Ranker:
         self._encode = lru_cache(maxsize=ENCODED_WORDS)(self._encode_text)
 
     def warm(self) -> None:
-        """Loads the sentence encoder and the genre prototypes now (seconds), not on the
-        first request with words."""
+        """Loads the sentence encoder, the genre prototypes and the release-year order now
+        (seconds), not on the first request with words."""
         self.read_words("warm up")
+        _ = self._by_year
 
     @cached_property
     def intents(self) -> IntentReader:

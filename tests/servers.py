@@ -21,11 +21,29 @@ from model_store.bundle import Bundle, load_bundle
 from model_store.userstate.connect import sync_client
 from model_store.userstate.publish import publish_bundle
 
+_HANDED_OUT: set[int] = set()
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A free loopback port below the kernel's ephemeral range (32768 and up here), never
+    handed out twice: a port the kernel picked for `bind(0)` and released may be picked
+    again for the next `bind(0)` (vLLM's own, inside the service) before the service
+    binds it, and its start fails."""
+    rng = random.Random()
+    while True:
+        port = rng.randrange(10_000, 20_000)  # 20000-40000 is the clusters' (ports + bus)
+        if port not in _HANDED_OUT and _bindable(port):
+            _HANDED_OUT.add(port)
+            return port
 
 
 class RedisServer:
@@ -88,15 +106,11 @@ def free_cluster_ports(n: int) -> list[int]:
     ports: list[int] = []
     while len(ports) < n:
         port = rng.randrange(20_000, 30_000)
-        if port in ports:
+        if port in ports or port in _HANDED_OUT:
             continue
-        try:
-            with socket.socket() as a, socket.socket() as b:
-                a.bind(("127.0.0.1", port))
-                b.bind(("127.0.0.1", port + CLUSTER_BUS_OFFSET))
-        except OSError:
-            continue
-        ports.append(port)
+        if _bindable(port) and _bindable(port + CLUSTER_BUS_OFFSET):
+            _HANDED_OUT.add(port)
+            ports.append(port)
     return ports
 
 

@@ -39,6 +39,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.servers import free_cluster_ports
+
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "helm" / "genrec"
 DEPLOY = ROOT / "deploy"
@@ -1098,27 +1100,6 @@ def test_router_option(rendered: dict[str, list[dict[str, Any]]]) -> None:
         assert not [d for d in rendered[variant] if "vllm-router" in d["metadata"]["name"]], variant
 
 
-def _cluster_ports(count: int) -> list[int]:
-    """Free loopback ports whose cluster bus port (port + 10000) is free too."""
-    import random
-    import socket
-
-    def free(port: int) -> bool:
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                return False
-            return True
-
-    ports: list[int] = []
-    while len(ports) < count:
-        port = random.randint(20000, 30000)
-        if port not in ports and free(port) and free(port + 10000):
-            ports.append(port)
-    return ports
-
-
 def _redis_seven() -> tuple[str, str]:
     """redis-server and redis-cli of Redis 7 or later (cluster-announce-hostname)."""
     server, cli = shutil.which("redis-server"), shutil.which("redis-cli")
@@ -1138,7 +1119,7 @@ def test_redis_cluster_scripts_form_a_real_cluster_and_survive_new_addresses(
     (a second run leaves it alone), and after every node restarted with its peers' addresses
     gone stale (new pod IPs), start.sh finds them again by their announced hostnames."""
     _, cli = _redis_seven()
-    ports = _cluster_ports(6)
+    ports = free_cluster_ports(6)
     stale = "127.0.0.9"  # nothing listens there: the nodes bind 127.0.0.1
     procs: dict[int, subprocess.Popen[bytes]] = {}
 

@@ -39,10 +39,12 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.chart import CHART, NAMESPACE, RELEASE
+from tests.chart import one as _one
+from tests.chart import render as _render
 from tests.servers import free_cluster_ports
 
 ROOT = Path(__file__).resolve().parents[1]
-CHART = ROOT / "helm" / "genrec"
 DEPLOY = ROOT / "deploy"
 DASHBOARD = DEPLOY / "grafana" / "genrec.json"
 ALERTS = DEPLOY / "prometheus" / "alerts.yaml"
@@ -51,7 +53,6 @@ ADAPTER = DEPLOY / "prometheus" / "adapter-rules.yaml"
 REDIS_SCRIPTS = CHART / "files" / "redis-cluster"
 DOCKERFILE = ROOT / "Dockerfile"
 KUBE_VERSIONS = ("1.27.0", "1.33.0")  # the chart's kubeVersion floor and a recent release
-RELEASE, NAMESPACE = "demo", "recs"
 TARGET_LABELS = {"namespace", "job", "pod", "instance", "service", "container"}
 """Labels Prometheus (or the operator's ServiceMonitor) adds to every scraped series."""
 
@@ -211,29 +212,9 @@ def helm() -> Any:
     return _python_tool("helm_python", "helm-python-sdk")
 
 
-def _render(helm: Any, values: dict[str, Any]) -> list[dict[str, Any]]:
-    with helm.Chart.load(str(CHART)) as chart:
-        files = chart.render(values or None, name=RELEASE, namespace=NAMESPACE)
-    docs = []
-    for path, text in sorted(files.items()):
-        if path.endswith(".txt"):
-            continue
-        for doc in yaml.safe_load_all(text):
-            if doc:
-                doc["_template"] = path
-                docs.append(doc)
-    return docs
-
-
 @pytest.fixture(scope="module")
 def rendered(helm: Any) -> dict[str, list[dict[str, Any]]]:
     return {name: _render(helm, values) for name, values in VARIANTS.items()}
-
-
-def _one(docs: list[dict[str, Any]], kind: str, suffix: str) -> dict[str, Any]:
-    found = [d for d in docs if d["kind"] == kind and d["metadata"]["name"].endswith(suffix)]
-    assert len(found) == 1, f"{kind} *{suffix}: {[d['metadata']['name'] for d in found]}"
-    return found[0]
 
 
 def _container(doc: dict[str, Any], name: str) -> dict[str, Any]:

@@ -3,9 +3,11 @@ security only when keys are enforced, no null headers, every status with its hea
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 
 from service.api.app import create_app
 from service.settings import Settings
@@ -62,3 +64,15 @@ def test_statuses_headers_and_links(monkeypatch: pytest.MonkeyPatch) -> None:
     metrics = paths["/metrics"]["get"]["responses"]["200"]["content"]
     assert list(metrics) == ["text/plain"]
     assert set(paths["/readyz"]["get"]["responses"]) == {"200", "503"}
+
+
+@pytest.mark.parametrize("page", ["/docs", "/redoc"])
+def test_the_api_docs_load_nothing_from_outside(page: str) -> None:
+    """Every script, style and icon of the docs pages comes from the gateway itself: a
+    cluster without egress shows them too."""
+    client = TestClient(create_app(Settings()))  # no lifespan: nothing else starts
+    html = client.get(page).text
+    assets = re.findall(r"""(?:src|href|url)\s*[=:]\s*['"]([^'"]+)['"]""", html)
+    assert len(assets) >= 2 and not [a for a in assets if "//" in a], assets
+    for asset in assets:
+        assert client.get(asset).status_code == 200, asset

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from service import logs
 from service.api import contract, errors, middleware, ui
@@ -30,7 +31,9 @@ def create_app(settings: Settings | None = None, announce: str | None = None) ->
         finally:
             await runtime.stop()
 
-    app = FastAPI(
+    # /docs and /redoc from files the image carries: FastAPI's load Swagger UI from a CDN,
+    # which a cluster without egress cannot reach (the page stays blank).
+    app = FastAPIOffline(
         title="genrec",
         version="1",
         summary="Generative recommendations over Semantic IDs, with constrained decoding.",

@@ -5,9 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from model_store.data import fetch_ml100k
 from tests.build_threads import build_threads
+
+# No per-example deadline anywhere: one example held up on a busy 2-core machine (a GC
+# pause, a descheduled thread) would fail a property that holds.
+settings.register_profile("genrec", deadline=None)
+settings.load_profile("genrec")
 
 
 @pytest.fixture(scope="session")

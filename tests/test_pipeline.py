@@ -67,7 +67,7 @@ def _run(
     **settings,
 ):
     async def go():
-        store = UserStore(redis_url, timeout_s=0.05, cooldown_s=settings.pop("cooldown", 1.0))
+        store = UserStore(redis_url, timeout_s=1.0, cooldown_s=settings.pop("cooldown", 1.0))
         config = Settings(bundle=bundle.dir, **settings)
         pipeline = Recommendations.create(bundle, engine, store, config)  # type: ignore[arg-type]
         try:

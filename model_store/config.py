@@ -52,7 +52,6 @@ PRESETS: dict[str, BuildConfig] = {
         user_model=UserModelConfig(dim=32, layers=1, heads=1, max_len=20, epochs=3),
         sid=SIDConfig(levels=3, codebook_size=16, kmeans_iters=10),
         llm=LLMConfig(hidden=64, layers=1, heads=2, intermediate=128, window=6, epochs=1),
-        beam_width=20,
         reranker_rounds=20,
         max_users=120,
     ),

@@ -149,7 +149,7 @@ def test_pause_honours_retry_after_seconds() -> None:
 @pytest.mark.slow
 def test_the_build_stores_per_user_scores_for_reuse(tiny_bundle: Path) -> None:
     bundle = load_bundle(tiny_bundle)
-    stored = stored_evaluation(bundle, beam_width=20, max_users=None)
+    stored = stored_evaluation(bundle, beam_width=60, max_users=None)
     assert stored is not None and stored.summary == bundle.manifest["evaluation"]
     assert list(stored.summary) == list(ROWS)  # in protocol order, not the manifest's sorted one
     assert stored.per_user.user_ids == held_out(bundle).user_ids
@@ -218,7 +218,7 @@ def test_eval_over_two_seeds_with_a_peer(tiny_bundle: Path, tmp_path: Path) -> N
 
 def test_the_soft_row_by_beam_width_ranks_as_the_evaluation(tiny_bundle: Path) -> None:
     """`bench_soft_token --beam-widths` re-ranks `soft` and `ann` exactly as the build's
-    evaluation did (beam 20 in the tiny preset), so its wider beams compare like with like."""
+    evaluation did (60 beams, as every preset), so its wider beams compare like with like."""
     from loadtest.bench_soft_token import soft_row_by_beam
     from model_store.engines.torch_engine import TorchEngine
     from model_store.recommend import Recommender
@@ -227,7 +227,7 @@ def test_the_soft_row_by_beam_width_ranks_as_the_evaluation(tiny_bundle: Path) -
     held = held_out(bundle)
     users = np.asarray(bundle.user_embeddings[held.users], dtype=np.float32)
     rec = Recommender(bundle, with_reranker=False)
-    rows = soft_row_by_beam(rec, TorchEngine.from_dir(bundle.llm_dir), held, users, [20])
+    rows = soft_row_by_beam(rec, TorchEngine.from_dir(bundle.llm_dir), held, users, [60])
     evaluation = bundle.manifest["evaluation"]
     assert rows["ann"] == pytest.approx(evaluation["ann"])
-    assert rows["soft, beam 20"] == pytest.approx(evaluation["soft"])
+    assert rows["soft, beam 60"] == pytest.approx(evaluation["soft"])

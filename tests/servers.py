@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import random
@@ -47,6 +48,39 @@ def free_port() -> int:
         if port not in _HANDED_OUT and _bindable(port):
             _HANDED_OUT.add(port)
             return port
+
+
+def wait_http_ok(
+    proc: subprocess.Popen[bytes], url: str, timeout: float, log: Path | None = None
+) -> httpx.Response:
+    """Polls `url` until it answers 200; fails at once when `proc` exits (with `log`'s tail)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        tail = log.read_text(errors="replace")[-3000:] if log is not None else ""
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}:\n{tail}")
+        try:
+            answer = httpx.get(url, timeout=1.0)
+            if answer.status_code == 200:
+                return answer
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url} did not answer 200 within {timeout:g} s:\n{tail}")
+        time.sleep(0.5)
+
+
+def stop_group(proc: subprocess.Popen[bytes], grace_s: float = 20.0) -> None:
+    """SIGTERM to the process group `proc` leads (started with `start_new_session`), SIGKILL
+    to it if the leader lingers past `grace_s`: nothing it started is left running."""
+    for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 class RedisServer:
@@ -283,18 +317,7 @@ class ServiceProcess:
         )
 
     def wait_ready(self, timeout: float = 240.0) -> dict[str, object]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"service exited: {self.log.read_text()[-3000:]}")
-            try:
-                r = httpx.get(f"{self.base}/readyz", timeout=1.0)
-                if r.status_code == 200:
-                    return dict(r.json())
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
-        raise RuntimeError(f"service not ready: {self.log.read_text()[-3000:]}")
+        return dict(wait_http_ok(self.proc, f"{self.base}/readyz", timeout, self.log).json())
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -329,29 +352,12 @@ class VLLMServer:
             )
 
     def wait_healthy(self, timeout: float = 180.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                tail = self.log.read_text(errors="replace")[-3000:]
-                raise RuntimeError(f"vLLM server exited with {self.proc.returncode}:\n{tail}")
-            try:
-                if httpx.get(f"{self.base_url}/health", timeout=1.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"vLLM server not healthy after {timeout:g} s")
-            time.sleep(0.5)
+        wait_http_ok(self.proc, f"{self.base_url}/health", timeout, self.log)
 
     def stop(self) -> None:
         """SIGTERM to the server's process group, SIGKILL if it lingers."""
         if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
+            stop_group(self.proc)
 
 
 @contextmanager

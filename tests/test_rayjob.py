@@ -6,16 +6,13 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from model_store.bundle import load_bundle
@@ -23,7 +20,7 @@ from model_store.userstate.connect import sync_client
 from model_store.userstate.keys import CURRENT, meta_key
 from model_store.userstate.publish import publish_bundle
 from tests.chart import one, render
-from tests.servers import RedisServer, free_port
+from tests.servers import RedisServer, free_port, stop_group, wait_http_ok
 
 RAY = Path(sys.executable).parent / "ray"
 
@@ -71,36 +68,17 @@ class RayHead:
         args = [str(RAY), "start", "--head", "--block", "--num-cpus", "3"]
         args += ["--dashboard-host", "127.0.0.1", "--temp-dir", str(self.temp)]
         args += [str(a) for pair in ports.items() for a in pair]
-        self._log = log.open("wb")
+        self.log, self._log = log, log.open("wb")
         self.proc = subprocess.Popen(
             args, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
         )
 
     def wait_ok(self, url: str, timeout: float = 180.0) -> None:
         """Polls `url` until it answers 200 (the dashboard and the agent start after Ray)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError("ray start exited")
-            try:
-                if httpx.get(url, timeout=2.0).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(1.0)
-        raise RuntimeError(f"{url} did not answer 200")
+        wait_http_ok(self.proc, url, timeout, self.log)
 
     def stop(self) -> None:
-        for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                self.proc.wait(wait)
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        stop_group(self.proc, grace_s=30.0)
         self._log.close()
         shutil.rmtree(self.temp, ignore_errors=True)
 

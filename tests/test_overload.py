@@ -359,11 +359,13 @@ def test_sigterm_turns_not_ready_then_finishes_every_admitted_request(gw: Gatewa
             calls = asyncio.gather(*trickle, *burst)
             await asyncio.sleep(0.3)
             ready = await client.get(gw.url("/readyz"))
+            ready_head = await client.head(gw.url("/readyz"))
             health = await asyncio.to_thread(grpc_health)
-            return ready, health, list(await calls)
+            return ready, ready_head, health, list(await calls)
 
-    ready, health, answers = asyncio.run(shutdown_under_load())
+    ready, ready_head, health, answers = asyncio.run(shutdown_under_load())
     assert ready.status_code == 503 and ready.json()["draining"]
+    assert ready_head.status_code == 503 and not ready_head.content  # a balancer's HEAD check
     assert health == health_pb2.HealthCheckResponse.NOT_SERVING
     assert len(answers) == 40
     assert {r.status_code for r in answers} <= {200, 503}  # every one answered, none lost

@@ -422,6 +422,9 @@ def test_api_keys_guard_rest_and_grpc(live: Live, remote) -> None:
     assert ok.status_code == 200
     for open_path in ("/healthz", "/readyz", "/metrics"):
         assert httpx.get(f"{service.base}{open_path}").status_code == 200
+    for probe in ("/healthz", "/readyz"):  # load balancers' health checks send HEAD
+        head = httpx.head(f"{service.base}{probe}")
+        assert head.status_code == 200 and not head.content
     target = f"127.0.0.1:{service.grpc_port}"
     with pytest.raises(grpc.RpcError) as err:
         next_episode(target, user, "", 5)

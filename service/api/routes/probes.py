@@ -1,4 +1,7 @@
-"""Probes and the Prometheus scrape: `/healthz`, `/readyz`, `/metrics` (never need a key)."""
+"""Probes and the Prometheus scrape: `/healthz`, `/readyz`, `/metrics` (never need a key).
+
+The probes also answer HEAD (load balancers' health checks often send it), with the
+status code GET would give and no body; HEAD stays out of the API schema."""
 
 from __future__ import annotations
 
@@ -57,6 +60,10 @@ async def readyz(request: Request) -> JSONResponse:
         grpc_port=rt.grpc_port,
     )
     return JSONResponse(ready.model_dump())
+
+
+router.add_api_route("/healthz", healthz, methods=["HEAD"], include_in_schema=False)
+router.add_api_route("/readyz", readyz, methods=["HEAD"], include_in_schema=False)
 
 
 @router.get(

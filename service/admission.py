@@ -59,16 +59,22 @@ class Admission:
         self.max_wait_share = max_wait_share
         self.per_request_s = 0.0  # nothing measured yet: only the line's length limits
         self.batches = 0  # measured since the last forget
+        self._fresh_from = -math.inf  # time.monotonic() of the last forget
         self.ahead = 0
         self._paused = False
         self._lock = threading.Lock()
 
-    def observe(self, requests: int, seconds: float) -> None:
-        """One engine batch of `requests` took `seconds` (called by the engine worker)."""
+    def observe(self, requests: int, seconds: float, began: float | None = None) -> None:
+        """One engine batch of `requests` took `seconds` from `began` (`time.monotonic()`;
+        called by the engine worker). A batch begun before the last :meth:`forget` belongs
+        to what was forgotten (a batch that waited out a replaced engine's close would
+        otherwise open the fresh measure)."""
         if requests <= 0:
             return
         cost = seconds / requests
         with self._lock:
+            if began is not None and began <= self._fresh_from:
+                return
             self.batches += 1
             weight = max(SMOOTHING, 1.0 / min(self.batches, SETTLE_BATCHES))
             self.per_request_s += weight * (cost - self.per_request_s)
@@ -82,6 +88,7 @@ class Admission:
         with self._lock:
             self.per_request_s = 0.0
             self.batches = 0
+            self._fresh_from = time.monotonic()
 
     def check(self, deadline: float, now: float | None = None) -> None:
         """Raises :class:`Overloaded` if a request due at `deadline` should not wait."""

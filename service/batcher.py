@@ -124,20 +124,22 @@ class Batcher:
     def _run(self) -> None:
         live: list[_Cohort] = []
         busy = 0.0  # engine-thread seconds since a search last finished
+        busy_from: float | None = None  # when the first of those seconds began
         while True:
             room = self._max_batch - sum(len(c.jobs) for c in live)
             taken = self._take(room, wait=not live, live=bool(live))
             if taken is None:
                 return
             started = time.monotonic()
+            busy_from = started if busy_from is None else busy_from
             live += self._cohorts(taken, started)
             if live:
                 live = self._step(live)
             busy += time.monotonic() - started
             finished = sum(len(c.jobs) for c in live if c.search.done)
             if finished:
-                self.admission.observe(finished, busy)
-                busy = 0.0
+                self.admission.observe(finished, busy, busy_from)
+                busy, busy_from = 0.0, None
                 for cohort in live:
                     if cohort.search.done:
                         self._resolve(cohort)

@@ -75,6 +75,16 @@ def test_while_paused_for_a_rollout_requests_queue_instead_of_being_refused() ->
     assert line.per_request_s == 0.0  # what was measured across the pause is dropped
 
 
+def test_a_batch_begun_before_a_rollout_resumed_does_not_open_the_fresh_measure() -> None:
+    line = Admission(max_queue=100, max_wait_share=0.5)
+    with line.paused():
+        began = time.monotonic()  # a batch that waits out the replaced engine's close
+    line.observe(1, 3.0, began)  # ends after the resume: it measured the close, not the engine
+    assert line.batches == 0 and line.per_request_s == 0.0
+    line.observe(1, 0.01, time.monotonic())
+    assert line.batches == 1 and line.per_request_s == pytest.approx(0.01)
+
+
 def test_a_request_is_refused_when_its_wait_would_eat_its_deadline() -> None:
     line = _settled(Admission(max_queue=100, max_wait_share=0.5), 0.1)
     now = 1000.0

@@ -34,9 +34,15 @@ online = typer.Typer()
 
 
 def _settings(**overrides: Any) -> Settings:
-    """Settings from the environment, with the command line's non-empty options on top."""
+    """Settings from the environment, with the command line's non-empty options on top; a
+    bad one exits with its message (2), never a traceback."""
+    from pydantic import ValidationError
+
     given: dict[str, Any] = {k: v for k, v in overrides.items() if v is not None}
-    return Settings(**given)
+    try:
+        return Settings(**given)
+    except ValidationError as e:
+        raise fail(str(e)) from e
 
 
 @online.command("publish-embeddings")
@@ -114,19 +120,14 @@ def serve(
     ] = None,
 ) -> None:
     """Serve a bundle over REST and gRPC (settings from GENREC_* variables or .env)."""
-    from pydantic import ValidationError
-
-    try:
-        settings = _settings(
-            bundle=bundle,
-            host=host,
-            port=port,
-            grpc_port=grpc_port,
-            engine=engine,
-            engine_url=engine_url,
-        )
-    except ValidationError as e:
-        raise fail(str(e)) from e
+    settings = _settings(
+        bundle=bundle,
+        host=host,
+        port=port,
+        grpc_port=grpc_port,
+        engine=engine,
+        engine_url=engine_url,
+    )
     _serve(settings)
 
 

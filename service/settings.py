@@ -19,6 +19,9 @@ from service.rules import RULE_NAMES
 MAX_BEAM_WIDTH = 256
 """Most beams one search may keep (the engine's rows per level stay bounded)."""
 
+MAX_PORT = 65535
+"""The largest TCP port: a port setting above it is refused, never wrapped to another port."""
+
 SCOPES = ("read", "write", "admin")
 """What an API key may do: read (recommendations, playlists, profiles), write (events,
 profile edits), admin (bundle rollout)."""
@@ -40,8 +43,8 @@ class Settings(BaseSettings):
 
     bundle: Path = Field(Path("bundles/ml-100k"), description="Bundle directory to serve.")
     host: str = Field("127.0.0.1", description="REST bind address.")
-    port: int = Field(8000, description="REST port.")
-    grpc_port: int = Field(50051, description="gRPC port (0: pick a free one).")
+    port: int = Field(8000, ge=1, le=MAX_PORT, description="REST port.")
+    grpc_port: int = Field(50051, ge=0, le=MAX_PORT, description="gRPC port (0: pick a free one).")
     redis_url: str | None = Field(
         None,
         validation_alias="REDIS_URL",

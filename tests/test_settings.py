@@ -102,3 +102,27 @@ def test_rate_limit_is_checked_at_start(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("GENREC_RATE_LIMIT", "lots")
     with pytest.raises(ValidationError, match="rate limit"):
         Settings()
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "ok"),
+    [
+        ("GENREC_PORT", "1", True),
+        ("GENREC_PORT", "65535", True),
+        ("GENREC_PORT", "0", False),  # 0 would bind a port no one is told of
+        ("GENREC_PORT", "65536", False),
+        ("GENREC_PORT", "99999", False),  # once served on 99999 - 65536
+        ("GENREC_PORT", "-1", False),
+        ("GENREC_GRPC_PORT", "0", True),  # documented: pick a free one
+        ("GENREC_GRPC_PORT", "65535", True),
+        ("GENREC_GRPC_PORT", "65536", False),
+        ("GENREC_GRPC_PORT", "-1", False),
+    ],
+)
+def test_ports_are_16_bit(monkeypatch: pytest.MonkeyPatch, name: str, value: str, ok: bool) -> None:
+    monkeypatch.setenv(name, value)
+    if ok:
+        assert getattr(Settings(), name.removeprefix("GENREC_").lower()) == int(value)
+    else:
+        with pytest.raises(ValidationError, match=name.removeprefix("GENREC_").lower()):
+            Settings()

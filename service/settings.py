@@ -6,6 +6,7 @@ dependency costs a bounded slice of it, never a client library's multi-second de
 
 from __future__ import annotations
 
+import ipaddress
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,8 +146,8 @@ class Settings(BaseSettings):
         description="Requests per API key without a rate of its own (per client address "
         "without keys), e.g. `50/second`, counted in Redis across every gateway.",
     )
-    trusted_proxies: str = Field(
-        "",
+    trusted_proxies: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
         description="Comma-separated addresses or networks (`10.0.0.0/8`) of proxies whose "
         "`X-Forwarded-For` names the client (the rate limit per address without keys); "
         "unset: none, a client is its connection's address, whatever headers it sends.",
@@ -178,7 +179,7 @@ class Settings(BaseSettings):
         wanted = max(beam_width or self.beam_width, math.ceil(self.candidates_per_item * k))
         return min(wanted, MAX_BEAM_WIDTH)
 
-    @field_validator("rules", "engine_urls", mode="before")
+    @field_validator("rules", "engine_urls", "trusted_proxies", mode="before")
     @classmethod
     def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
@@ -199,6 +200,14 @@ class Settings(BaseSettings):
     def _known_rate(cls, value: str | None) -> str | None:
         if value is not None:
             _check_rate(value)
+        return value
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _addresses_or_networks(cls, value: list[str]) -> list[str]:
+        """uvicorn would take a typo for a name that never matches, and trust no one."""
+        for entry in value:
+            ipaddress.ip_network(entry)  # an address is a network of one; ValueError says why
         return value
 
     @field_validator("rules")

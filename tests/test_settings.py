@@ -126,3 +126,27 @@ def test_ports_are_16_bit(monkeypatch: pytest.MonkeyPatch, name: str, value: str
     else:
         with pytest.raises(ValidationError, match=name.removeprefix("GENREC_").lower()):
             Settings()
+
+
+@pytest.mark.parametrize(
+    ("value", "parsed"),
+    [
+        ("", []),
+        ("10.0.0.1", ["10.0.0.1"]),
+        (" 10.0.0.0/8, ::1 ,fd00::/8", ["10.0.0.0/8", "::1", "fd00::/8"]),
+        ("notanip", None),
+        ("10.0.0.1, proxy.local", None),
+        ("10.0.0.1/8", None),  # host bits set: uvicorn would match it as a name, never
+        ("10.0.0.0/33", None),
+        ("*", None),
+    ],
+)
+def test_trusted_proxies_are_addresses_or_networks(
+    monkeypatch: pytest.MonkeyPatch, value: str, parsed: list[str] | None
+) -> None:
+    monkeypatch.setenv("GENREC_TRUSTED_PROXIES", value)
+    if parsed is None:
+        with pytest.raises(ValidationError, match="trusted_proxies"):
+            Settings()
+    else:
+        assert Settings().trusted_proxies == parsed

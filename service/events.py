@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
 from model_store.catalog import Catalog
 from service import metrics
-from service.schemas import USER_ID, ItemUri, Strict
+from service.schemas import USER_ID, ItemUri, Real, Strict
 from service.userstore import LoggedEvent, StoreUnavailable, UserStore
 
 MAX_EVENTS = 500
@@ -37,7 +37,7 @@ class Event(Strict):
     user_id: str = Field(pattern=USER_ID, examples=["196"])
     item: ItemUri = Field(examples=["ml-100k:movie:50"])
     type: EventType
-    ts: float | None = Field(
+    ts: Real | None = Field(
         None, ge=0, description="Seconds since the epoch; the time of arrival when absent."
     )
 

@@ -24,6 +24,9 @@ def _whole(value: object) -> object:
 Whole = Annotated[int, BeforeValidator(_whole), PydanticStrict()]
 """An integer as JSON Schema has it: a number with no fraction, not a string or a boolean."""
 
+Real = Annotated[float, PydanticStrict()]
+"""A number as JSON Schema has it (5 or 5.5), not a string or a boolean."""
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -33,7 +36,7 @@ class RequestContext(Strict):
     """Facts about the user for this request; each overrides what the bundle knows."""
 
     market: str | None = Field(None, pattern=r"^[A-Za-z]{2}$", description="ISO country code.")
-    age: int | None = Field(None, ge=1, le=120)
+    age: Whole | None = Field(None, ge=1, le=120)
     gender: Literal["m", "f"] | None = None
     occupation: str | None = Field(None, pattern=r"^[a-z][a-z \-]{0,39}$")
     region: str | None = Field(None, pattern=r"^[a-z0-9]{1,8}$", description="Zip-code region.")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+import unicodedata
+from itertools import groupby
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
@@ -14,6 +17,29 @@ ItemUri = Annotated[str, StringConstraints(pattern=ITEM_URI)]
 MAX_K = 100
 
 ServedBy = Literal["generative", "prompt-only", "ann", "popularity"]
+
+
+INVISIBLE = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})
+"""Unicode categories with nothing to see: controls, format characters (the zero-width space,
+bidi marks, tags), spaces and separators."""
+
+
+def _invisible_class() -> str:
+    """Ranges of every invisible code point, read alike by pydantic's Rust regex, Python's
+    `re` (the contract test's) and JSON Schema's: escaped in the BMP, literal above it (no
+    escape of an astral code point is read by all three)."""
+    points = [p for p in range(sys.maxunicode + 1) if unicodedata.category(chr(p)) in INVISIBLE]
+    runs = [[p for _, p in run] for _, run in groupby(enumerate(points), lambda ip: ip[1] - ip[0])]
+    return "".join(_char(run[0]) + (f"-{_char(run[-1])}" if len(run) > 1 else "") for run in runs)
+
+
+def _char(point: int) -> str:
+    return f"\\u{point:04X}" if point <= 0xFFFF else chr(point)
+
+
+VISIBLE = f"[^{_invisible_class()}]"
+"""Some character to see: text of blanks, zero-width or other invisible characters alone asks
+for nothing."""
 
 
 def _whole(value: object) -> object:
@@ -63,7 +89,7 @@ class PlaylistRequest(Strict):
     prompt: str = Field(
         min_length=1,
         max_length=MAX_PROMPT_CHARS,
-        pattern=r"\S",  # some words: blanks alone ask for nothing
+        pattern=VISIBLE,  # some words: blanks alone ask for nothing
         examples=["a dark sci-fi thriller"],
     )
     length: Whole = Field(20, ge=1, le=MAX_K)

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
+from itertools import combinations
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from model_store.catalog import Catalog
 from service.rules import Taste
@@ -62,6 +63,24 @@ class TasteEdits(BaseModel):
         less = self.less.without(patch.more).without(patch.forget).merged(patch.less)
         forget = self.forget.without(patch.more).without(patch.less).merged(patch.forget)
         return TasteEdits(more=more, less=less, forget=forget)
+
+
+class TastePatch(TasteEdits):
+    """Edits as a client sends them: a thing named in two lists asks for opposites (more and
+    less of it, or more of it and never), so it is refused by name, never stored in both."""
+
+    @model_validator(mode="after")
+    def _one_list_per_thing(self) -> TastePatch:
+        lists = [(name, getattr(self, name)) for name in TasteEdits.model_fields]
+        clashes = [
+            f"{kind} {sorted(both)} in both {a} and {b}"
+            for (a, one), (b, other) in combinations(lists, 2)
+            for kind in TasteSet.model_fields
+            if (both := set(getattr(one, kind)) & set(getattr(other, kind)))
+        ]
+        if clashes:
+            raise ValueError(f"contradictory edits: {'; '.join(clashes)}")
+        return self
 
 
 def _union(a: Sequence[str], b: Sequence[str]) -> list[str]:

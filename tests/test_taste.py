@@ -5,14 +5,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from model_store.catalog import Catalog
 from service.rules import Taste
 from service.taste import (
     Share,
     TasteEdits,
+    TastePatch,
     TasteSet,
     build_profile,
     parse_edits,
@@ -102,6 +105,50 @@ def test_apply_never_leaves_a_thing_in_two_lists(steps: list[TasteEdits]) -> Non
             assert set(getattr(getattr(last, kind), field)) <= set(
                 getattr(getattr(edits, kind), field)
             )
+
+
+@given(patches())
+def test_a_consistent_patch_is_accepted_as_sent(patch: TasteEdits) -> None:
+    assert TastePatch.model_validate(patch.model_dump()).model_dump() == patch.model_dump()
+
+
+@pytest.mark.parametrize(
+    ("body", "clashes"),
+    [
+        (
+            {"more": {"genres": ["drama"]}, "less": {"genres": ["drama"]}},
+            ["genres ['drama'] in both more and less"],
+        ),
+        (
+            {"more": {"creators": ["ann", "bob"]}, "less": {"creators": ["bob", "ann"]}},
+            ["creators ['ann', 'bob'] in both more and less"],
+        ),
+        (
+            {"less": {"items": [uri(1)]}, "forget": {"items": [uri(1), uri(2)]}},
+            [f"items ['{uri(1)}'] in both less and forget"],
+        ),
+        (
+            {
+                "more": {"genres": ["drama"], "items": [uri(0)]},
+                "less": {"genres": ["drama"]},
+                "forget": {"items": [uri(0)], "genres": ["drama"]},
+            },
+            [
+                "genres ['drama'] in both more and less",
+                "genres ['drama'] in both more and forget",
+                f"items ['{uri(0)}'] in both more and forget",
+                "genres ['drama'] in both less and forget",
+            ],
+        ),
+    ],
+)
+def test_a_patch_naming_a_thing_in_two_lists_is_refused_by_name(
+    body: dict[str, dict[str, list[str]]], clashes: list[str]
+) -> None:
+    with pytest.raises(ValidationError) as err:
+        TastePatch.model_validate(body)
+    assert err.value.errors()[0]["msg"] == f"Value error, contradictory edits: {'; '.join(clashes)}"
+    TasteEdits.model_validate(body)  # stored edits are read as they are, whatever they hold
 
 
 def test_parse_edits() -> None:

@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse
 
 from service.api import deps
 from service.schemas import USER_ID
-from service.taste import TasteEdits, TasteProfile
+from service.taste import TastePatch, TasteProfile
 
 router = APIRouter()
 
@@ -57,7 +57,7 @@ async def get_taste_profile(user_id: UserId, request: Request) -> JSONResponse:
     ),
 )
 async def patch_taste_profile(
-    user_id: UserId, edits: TasteEdits, request: Request, if_match: IfMatch = None
+    user_id: UserId, edits: TastePatch, request: Request, if_match: IfMatch = None
 ) -> JSONResponse:
     """Adds edits: `more`, `less`, `forget` (genres, creators, item URIs)."""
     profiles = deps.profiles(request)

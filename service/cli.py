@@ -194,7 +194,9 @@ def check_demo_bundle(bundle: Path, preset: str) -> None:
 def demo(
     bundle: Annotated[
         Path | None,
-        typer.Option(help="Bundle directory [bundles/ml-100k; bundles/ml-100k-tiny for tiny]."),
+        typer.Option(
+            help="Bundle directory (default: bundles/ml-100k; bundles/ml-100k-tiny for tiny)."
+        ),
     ] = None,
     preset: Annotated[
         Preset, typer.Option(help="full: the measured model (~21 min); tiny: seconds.")

@@ -17,10 +17,13 @@ def next_episode(
     timeout_s: float = 5.0,
     api_key: str | None = None,
 ) -> dict[str, object]:
-    """One `Next` call; the response as a JSON-ready dict. Raises grpc.RpcError on failure."""
+    """One `Next` call; the response as a JSON-ready dict with every field, as REST answers
+    (proto3 leaves out empty ones: `degraded: []`). Raises grpc.RpcError on failure."""
     metadata = [("authorization", f"Bearer {api_key}")] if api_key else None
     with grpc.insecure_channel(target) as channel:
         stub = pb_grpc.NextEpisodeStub(channel)
         request = pb.NextRequest(user_id=user_id, current_item_uri=current_item_uri, k=k)
         response = stub.Next(request, timeout=timeout_s, metadata=metadata)
-    return MessageToDict(response, preserving_proto_field_name=True)
+    return MessageToDict(
+        response, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )

@@ -65,18 +65,33 @@ def publish_embeddings(
         bundle = load_bundle(bundle_dir)
     except BundleError as e:
         raise fail(str(e)) from e
+    typer.echo(_first_run(redis_url, redis_db, bundle, history_len, force, redis_cluster))
+
+
+def _first_run(
+    redis_url: str | None,
+    redis_db: Path,
+    bundle: Bundle,
+    history_len: int,
+    force: bool,
+    cluster: bool = False,
+) -> str:
+    """Publishes the bundle's users unless a version of this bundle is current already.
+
+    An embedded Redis (no `redis_url`) is closed before this returns: the gateway opens its
+    own on the same file, and uvicorn ends a process stopped by a signal by raising the
+    signal again, past any `finally` of a caller, so a server held there would outlive it."""
     url, embedded = redis_url_or_embedded(redis_url, redis_db)
     try:
-        typer.echo(_first_run(url, bundle, history_len, force, redis_cluster))
+        return _publish_unless_current(url, bundle, history_len, force, cluster)
     finally:
         if embedded is not None:
             embedded.close()
 
 
-def _first_run(
-    url: str, bundle: Bundle, history_len: int, force: bool, cluster: bool = False
+def _publish_unless_current(
+    url: str, bundle: Bundle, history_len: int, force: bool, cluster: bool
 ) -> str:
-    """Publishes the bundle's users unless a version of this bundle is current already."""
     from model_store.userstate.connect import sync_client
     from model_store.userstate.keys import bundle_of
     from model_store.userstate.publish import current_version, publish_bundle
@@ -225,10 +240,9 @@ def demo(
         )
     from model_store.bundle import load_bundle
 
-    url, embedded = redis_url_or_embedded(settings.redis_url, settings.redis_db)
-    cluster = settings.redis_cluster
     loaded = load_bundle(bundle)  # checksums verified once
-    typer.echo(_first_run(url, loaded, settings.history_len, False, cluster))
+    s = settings
+    typer.echo(_first_run(s.redis_url, s.redis_db, loaded, s.history_len, False, s.redis_cluster))
     users = set(loaded.users["user_id"].astype(str))
     sample = "196" if "196" in users else sorted(users)[0]
     body = json.dumps({"user_id": sample, "k": 10})
@@ -240,11 +254,7 @@ def demo(
         f"--target 127.0.0.1:{grpc_port}\n"
         f"  open http://localhost:{port}/docs\n"
     )
-    try:
-        _serve(settings, announce)
-    finally:
-        if embedded is not None:
-            embedded.close()
+    _serve(settings, announce)
 
 
 app = typer.Typer(

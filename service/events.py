@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 from model_store.catalog import Catalog
 from service import metrics
 from service.schemas import USER_ID, ItemUri, Real, Strict
-from service.userstore import LoggedEvent, StoreUnavailable, UserStore
+from service.userstore import LoggedEvent, StoreUnavailable, Unavailable, UserStore
 
 MAX_EVENTS = 500
 LOG_COUNT_EVERY_S = 60.0
@@ -61,7 +61,7 @@ class EventsAccepted(BaseModel):
     rejected: list[Rejected]
 
 
-class EventsUnavailable(Exception):
+class EventsUnavailable(Unavailable):
     """Events cannot be stored: Redis is down."""
 
 
@@ -87,7 +87,7 @@ class Events:
                 ids = await self.store.append_events(valid, self.dedup_s)
             except StoreUnavailable as e:
                 metrics.EVENTS.labels("any", "unavailable").inc(len(valid))
-                raise EventsUnavailable(str(e)) from e
+                raise EventsUnavailable(str(e), e.retry_after_s) from e
             self._count_log_soon(self.store)
             for event, entry in zip(valid, ids, strict=True):
                 metrics.EVENTS.labels(event.type, "accepted" if entry else "duplicate").inc()

@@ -13,7 +13,7 @@ from model_store.catalog import Catalog
 from service.taste import TasteEdits, TasteProfile, build_profile
 from service.trace import Trace
 from service.users import UserReader
-from service.userstore import StoreUnavailable, UserStore
+from service.userstore import StoreUnavailable, Unavailable, UserStore
 
 MERGE_ATTEMPTS = 5
 
@@ -26,8 +26,13 @@ class StaleRevision(Exception):
         self.current = current
 
 
-class ProfileUnavailable(Exception):
+class ProfileUnavailable(Unavailable):
     """Edits cannot be read or stored: Redis is down."""
+
+
+class ProfileContended(Exception):
+    """Edits without a revision lost every compare-and-set to concurrent writers: a
+    conflict for the caller to retry, not an outage."""
 
 
 class UnknownNames(ValueError):
@@ -107,5 +112,7 @@ class Profiles:
                 if if_match is not None:
                     raise StaleRevision(if_match, new_revision)
         except StoreUnavailable as e:
-            raise ProfileUnavailable(str(e)) from e
-        raise ProfileUnavailable("the profile kept changing; try again")
+            raise ProfileUnavailable(str(e), e.retry_after_s) from e
+        raise ProfileContended(
+            f"the profile changed under {MERGE_ATTEMPTS} concurrent edits in a row; try again"
+        )

@@ -100,7 +100,16 @@ return {1, rev + 1}
 """
 
 
-class StoreUnavailable(RuntimeError):
+class Unavailable(RuntimeError):
+    """Something stored in Redis cannot be reached now; `retry_after_s`: when Redis will be
+    tried again (None: waiting will not help, e.g. none is configured)."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class StoreUnavailable(Unavailable):
     """Redis did not answer in time, or is being skipped after a recent failure."""
 
 
@@ -179,12 +188,13 @@ class UserStore:
         """Awaits one Redis call: StoreUnavailable when it fails or Redis is being skipped."""
         if not self.healthy:
             coro.close()
-            raise StoreUnavailable("redis skipped after a recent failure")
+            left = self._down_until - time.monotonic()
+            raise StoreUnavailable("redis skipped after a recent failure", left)
         try:
             return await coro
         except REDIS_ERRORS as e:
             self.mark_down()
-            raise StoreUnavailable(f"redis: {type(e).__name__}: {e}") from e
+            raise StoreUnavailable(f"redis: {type(e).__name__}: {e}", self.cooldown_s) from e
 
     async def active_version(self) -> tuple[str | None, str | None]:
         """(version, checkpoint) served now, as cached: read at the first call, then every

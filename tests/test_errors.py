@@ -19,7 +19,7 @@ from service.api.errors import ERRORS, kind_of
 from service.api.routes.profiles import IF_MATCH, revision
 from service.api.serving import BundleNotFound, OutsideRoot, RolloutBusy
 from service.events import EventsUnavailable
-from service.profiles import ProfileUnavailable, StaleRevision, UnknownNames
+from service.profiles import ProfileContended, ProfileUnavailable, StaleRevision, UnknownNames
 
 
 class Pair(BaseModel):
@@ -60,6 +60,13 @@ CASES: list[tuple[Exception, int, grpc.StatusCode, str, object]] = [
         grpc.StatusCode.INVALID_ARGUMENT,
         "not in this catalog: genres 'thriler'",
         {"genres": ["thriler"]},
+    ),
+    (
+        ProfileContended("the profile changed under 5 concurrent edits in a row; try again"),
+        409,
+        grpc.StatusCode.ABORTED,
+        "the profile changed under 5 concurrent edits in a row; try again",
+        None,
     ),
     (
         ProfileUnavailable("redis is down"),
@@ -158,6 +165,10 @@ def test_refusals_say_when_to_come_back() -> None:
         "RateLimit-Reset": "4",
     }
     assert ERRORS[UnknownItem].headers(UnknownItem("x")) == {}
+    # Redis skipped after a failure: back when its cool-down ends; none configured: never
+    skipped = EventsUnavailable("redis skipped after a recent failure", 1.2)
+    assert ERRORS[EventsUnavailable].headers(skipped) == {"Retry-After": "2"}
+    assert ERRORS[ProfileUnavailable].headers(ProfileUnavailable("no Redis configured")) == {}
 
 
 def app_raising() -> FastAPI:

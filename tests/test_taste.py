@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
 import numpy as np
@@ -11,6 +12,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from model_store.catalog import Catalog
+from service.profiles import ProfileContended, Profiles, StaleRevision
 from service.rules import Taste
 from service.taste import (
     Share,
@@ -246,3 +248,26 @@ def test_summarise_without_history_and_with_edits() -> None:
         "2 movies so far, mostly drama and comedy. Most typical: Charlie and Alpha. "
         "Lately: Charlie. Asked for more comedy. Asked for less horror, drama and romance."
     )
+
+
+class _Contended:
+    """A store where another writer always gets in between a read and its write."""
+
+    def __init__(self) -> None:
+        self.revision = 0
+
+    async def get_edits(self, user: str) -> tuple[int, str | None]:
+        return self.revision, None
+
+    async def set_edits(self, user: str, expected: int, edits: str) -> tuple[bool, int]:
+        self.revision += 1  # the other writer's
+        return False, self.revision
+
+
+def test_edits_that_keep_losing_to_concurrent_writers_are_a_conflict_not_an_outage() -> None:
+    profiles = Profiles(users=None, store=_Contended(), catalog=CATALOG)  # type: ignore[arg-type]
+    more = TastePatch(more=TasteSet(genres=["comedy"]))
+    with pytest.raises(ProfileContended):  # 409: retry, nothing is down
+        asyncio.run(profiles.patch("u1", more, None))
+    with pytest.raises(StaleRevision):  # with a revision, the first loss is stale: 412
+        asyncio.run(profiles.patch("u1", more, profiles.store.revision))  # type: ignore[union-attr]

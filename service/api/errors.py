@@ -8,6 +8,7 @@ even text) gets the same JSON error shape here, and a 405 names every method of 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +27,7 @@ from service.admission import Overloaded
 from service.api.auth import Forbidden, RateLimited, Unauthenticated
 from service.api.serving import BundleNotFound, OutsideRoot, RolloutBusy
 from service.events import EventsUnavailable
-from service.profiles import ProfileUnavailable, StaleRevision, UnknownNames
+from service.profiles import ProfileContended, ProfileUnavailable, StaleRevision, UnknownNames
 
 
 class ErrorBody(BaseModel):
@@ -60,17 +61,24 @@ ERRORS: dict[type[Exception], ErrorKind] = {
     UnknownNames: ErrorKind(
         422, grpc.StatusCode.INVALID_ARGUMENT, detail=lambda e: getattr(e, "unknown", None)
     ),
+    ProfileContended: ErrorKind(409, grpc.StatusCode.ABORTED),
     ProfileUnavailable: ErrorKind(
-        503, grpc.StatusCode.UNAVAILABLE, message=lambda e: f"taste profile unavailable: {e}"
+        503,
+        grpc.StatusCode.UNAVAILABLE,
+        message=lambda e: f"taste profile unavailable: {e}",
+        headers=lambda e: _retry_after(e),
     ),
     EventsUnavailable: ErrorKind(
-        503, grpc.StatusCode.UNAVAILABLE, message=lambda e: f"events unavailable: {e}"
+        503,
+        grpc.StatusCode.UNAVAILABLE,
+        message=lambda e: f"events unavailable: {e}",
+        headers=lambda e: _retry_after(e),
     ),
     Overloaded: ErrorKind(
         503,
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         detail=lambda e: {"reason": getattr(e, "reason", None), "retry_after_s": _retry(e)},
-        headers=lambda e: {"Retry-After": str(_retry(e))},
+        headers=lambda e: _retry_after(e),
     ),
     Unauthenticated: ErrorKind(
         401, grpc.StatusCode.UNAUTHENTICATED, headers=lambda _: {"WWW-Authenticate": "Bearer"}
@@ -98,6 +106,13 @@ ERRORS: dict[type[Exception], ErrorKind] = {
 
 def _retry(e: Exception) -> int:
     return e.retry_after if isinstance(e, Overloaded) else 1
+
+
+def _retry_after(e: Exception) -> dict[str, str]:
+    """`Retry-After` in whole seconds (at least 1) when the error says when to come back:
+    the engine's expected wait, or the rest of Redis's cool-down after a failure."""
+    seconds = getattr(e, "retry_after_s", None)
+    return {} if seconds is None else {"Retry-After": str(max(1, math.ceil(seconds)))}
 
 
 def _quota_reset(e: Exception) -> int:
@@ -140,7 +155,7 @@ ERROR_HEADERS: dict[int, dict[str, Any]] = {
         "Retry-After": _header("Seconds until the key's window resets."),
         **{name: {**spec, "required": True} for name, spec in RATE_HEADERS.items()},
     },
-    503: {"Retry-After": _header("Seconds to wait (sent when the engine is overloaded).", False)},
+    503: {"Retry-After": _header("Seconds to wait before trying again.", False)},
 }
 
 

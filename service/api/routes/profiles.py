@@ -53,7 +53,7 @@ async def get_taste_profile(user_id: UserId, request: Request) -> JSONResponse:
     "/v1/users/{user_id}/taste-profile",
     response_model=TasteProfile,
     **deps.guarded(
-        "write", 412, 413, 422, 503, extra=_then("get_taste_profile", "reset_taste_profile")
+        "write", 409, 412, 413, 422, 503, extra=_then("get_taste_profile", "reset_taste_profile")
     ),
 )
 async def patch_taste_profile(
@@ -68,7 +68,7 @@ async def patch_taste_profile(
 @router.delete(
     "/v1/users/{user_id}/taste-profile/edits",
     response_model=TasteProfile,
-    **deps.guarded("write", 412, 422, 503, extra=_then("get_taste_profile")),
+    **deps.guarded("write", 409, 412, 422, 503, extra=_then("get_taste_profile")),
 )
 async def reset_taste_profile(
     user_id: UserId, request: Request, if_match: IfMatch = None

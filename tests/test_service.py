@@ -142,6 +142,10 @@ def test_bad_requests_get_clear_4xx(live: Live) -> None:
     r = httpx.post(url, content=chunks(1_000), headers=headers)
     assert r.status_code == 200, r.text
     assert len(r.json()["items"]) == 3
+    # the cap's refusals are counted under the endpoint they were sent to
+    series = 'genrec_requests_total{code="413",endpoint="POST /v1/recommendations"}'
+    counted = httpx.get(f"{live.service.base}/metrics").text.splitlines()
+    assert any(line.startswith(series) and float(line.split()[-1]) >= 2 for line in counted)
 
 
 _json = st.recursive(

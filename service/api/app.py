@@ -41,8 +41,10 @@ def create_app(settings: Settings | None = None, announce: str | None = None) ->
         generate_unique_id_function=lambda route: route.name,  # links name operations
     )
     app.state.runtime = runtime
+    # The last added is the outermost: the metrics see every answer, the body cap's 413s too;
+    # the cap still comes before anything reads the body.
+    app.add_middleware(middleware.BodyLimit)
     app.middleware("http")(middleware.observe(runtime))
-    app.add_middleware(middleware.BodyLimit)  # outermost: before anything reads the body
     errors.install(app)
     routers = (
         recommendations.router, profiles.router, events.router, admin.router, probes.router,

@@ -1,6 +1,6 @@
-"""What every HTTP request passes first: the body-size cap (:class:`BodyLimit`), the lease on
-the bundle serving now (a rollout meanwhile does not change it), its metrics, and the
-`RateLimit-*` headers the guard left for the answer."""
+"""What every HTTP request passes first: its metrics, the lease on the bundle serving now (a
+rollout meanwhile does not change it) and the `RateLimit-*` headers the guard left for the
+answer (:func:`observe`), then the body-size cap (:class:`BodyLimit`)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 from fastapi import Request, Response
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import metrics
@@ -63,6 +64,16 @@ class BodyLimit:
         await error_response(413, f"request body over {self.limit} bytes")(scope, receive, send)
 
 
+def _endpoint(request: Request) -> str:
+    """The metrics' endpoint label: the method and route template the request was routed
+    to, or would have been had nothing refused it first (the body cap); else `unmatched`."""
+    route = request.scope.get("route")
+    if route is None:
+        routes = request.app.router.routes
+        route = next((r for r in routes if r.matches(request.scope)[0] == Match.FULL), None)
+    return f"{request.method} {route.path}" if route is not None else "unmatched"
+
+
 def observe(runtime: Runtime) -> Callable[[Request, Next], Awaitable[Response]]:
     """The middleware for a gateway with `runtime` (keys and rates are the routes' guard)."""
 
@@ -80,8 +91,7 @@ def observe(runtime: Runtime) -> Callable[[Request, Next], Awaitable[Response]]:
             status = response.status_code
         finally:
             metrics.INFLIGHT.dec()
-            route = request.scope.get("route")
-            endpoint = f"{request.method} {route.path}" if route is not None else "unmatched"
+            endpoint = _endpoint(request)
             metrics.REQUEST_SECONDS.labels(endpoint).observe(time.perf_counter() - start)
             metrics.REQUESTS.labels(endpoint, str(status)).inc()
         quota: Quota | None = getattr(request.state, "quota", None)

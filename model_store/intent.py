@@ -78,6 +78,12 @@ def era(text: str) -> tuple[int, int] | None:
     return min(s for s, _ in spans), max(e for _, e in spans)
 
 
+_ERA_WORDS = re.compile(
+    rf"{_DECADE.pattern}|{_YEAR.pattern}|\b(?:{'|'.join(_DECADE_WORDS)})\b", re.IGNORECASE
+)
+_FILM = re.compile(r"\bfilm(s?)\b", re.IGNORECASE)
+
+
 def _century(two_digits: int) -> int:
     """'20s is the 1920s; '00s and '10s are this century's."""
     return 2000 if two_digits < 20 else 1900
@@ -98,6 +104,15 @@ class IntentReader:
         self.creators = {" ".join(words_of(c)): c for c in creators if words_of(c)}
         self.longest_creator = max((len(k.split()) for k in self.creators), default=0)
         self.kinds = {k.lower(): k for k in kinds if k}
+
+    @staticmethod
+    def genre_text(text: str) -> str:
+        """The words whose vector says which genres are meant: `text` without its era, which
+        is read as years, and with "film" written "movie" ("films from the 1970s" asks for no
+        genre, yet the era's words and "film", a word of film-noir's name, both sit near
+        film-noir in the encoder's space; "a movie noir" still reads as film-noir)."""
+        medium = _FILM.sub(lambda m: "movie" + m.group(1), _ERA_WORDS.sub(" ", text))
+        return " ".join(medium.split())
 
     @classmethod
     def from_catalog(

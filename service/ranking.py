@@ -61,11 +61,14 @@ class Ranker:
         )
 
     def read_words(self, text: str) -> Words:
-        """Encodes the words once; the intent comes from them and their vector."""
+        """Encodes the words once; the intent comes from them and their vector (the genres
+        from the vector of the words that can name one, encoded apart when they differ)."""
         if not text.strip():
             return Words()
         query = self._encode(text)
-        return Words(text, query, self.intents.read(text, query))
+        rest = self.intents.genre_text(text)
+        about = query if rest == " ".join(text.split()) else self._encode(rest) if rest else None
+        return Words(text, query, self.intents.read(text, about))
 
     @staticmethod
     def _encode_text(text: str) -> np.ndarray:

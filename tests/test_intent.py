@@ -33,6 +33,28 @@ def test_any_year_written_is_read_back(year: int, template: str) -> None:
     assert era(template.format(year)) == (year, year)
 
 
+@pytest.mark.parametrize(
+    ("text", "genre_text"),
+    [
+        ("movies from the 1970s", "movies from the"),
+        ("comedies from the '80s", "comedies from the"),
+        ("Nineties horror", "horror"),
+        ("films of 1995, please", "movies of , please"),
+        ("a Film noir", "a movie noir"),  # "film" is the medium, a word of film-noir's name
+        ("filmed as it happened", "filmed as it happened"),
+        ("1970s", ""),
+        ("something to make me laugh", "something to make me laugh"),
+    ],
+)
+def test_the_genres_are_read_from_the_words_apart_from_the_era(text: str, genre_text: str) -> None:
+    assert IntentReader.genre_text(text) == genre_text
+
+
+@given(st.text("0123456789s' nietyNIETY", max_size=30) | st.text(max_size=30))
+def test_what_is_left_for_the_genres_names_no_era(text: str) -> None:
+    assert era(IntentReader.genre_text(text)) is None
+
+
 def _reader() -> IntentReader:
     """Three genres whose prototypes are the unit axes of a 3-d space."""
     return IntentReader(

@@ -88,6 +88,12 @@ def test_grpc_health_reflection_and_errors(live: Live) -> None:
         names = {s.name for r in stub.ServerReflectionInfo(iter([request]))
                  for s in r.list_services_response.service}  # fmt: skip
         assert "genrec.v1.NextEpisode" in names
+        for method in ("/genrec.v1.NextEpisode/Next", "/grpc.health.v1.Health/Check"):
+            raw = channel.unary_unary(method)  # bytes in, bytes out: no message at all
+            with pytest.raises(grpc.RpcError) as err:
+                raw(b"\xff\xff\xff\xff\x0f")
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+            assert "undecodable request" in (err.value.details() or "")
     cases = [
         (("", "", 5), grpc.StatusCode.INVALID_ARGUMENT),
         (("1", "", 101), grpc.StatusCode.INVALID_ARGUMENT),

@@ -165,9 +165,49 @@ class Grpc:
         await self.server.stop(grace=grace)
 
 
+@dataclass(frozen=True)
+class _Undecodable:
+    """What the bytes of a request became when they were no message of the method's type."""
+
+    error: Exception
+
+
+class RefuseUndecodable(grpc.aio.ServerInterceptor):
+    """Bytes that do not decode as the method's request message get INVALID_ARGUMENT naming
+    the problem: gRPC itself answers UNKNOWN ("Unexpected DecodeError"), which reads as a
+    server fault. Unary methods only (the streaming one, reflection, is gRPC's own)."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None or handler.request_deserializer is None:
+            return handler
+        decode, behavior = handler.request_deserializer, handler.unary_unary
+        method = handler_call_details.method
+
+        def tolerant(data: bytes) -> object:
+            try:
+                return decode(data)
+            except Exception as e:  # protobuf's DecodeError, or anything a decoder raises
+                return _Undecodable(e)
+
+        async def checked(request: object, context: grpc.aio.ServicerContext) -> object:
+            if isinstance(request, _Undecodable):
+                why = f"{type(request.error).__name__}: {request.error}"
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"{method}: undecodable request ({why})"
+                )
+            return await behavior(request, context)
+
+        return handler._replace(request_deserializer=tolerant, unary_unary=checked)
+
+
 async def start_grpc(lease: Lease, guard: Guard, host: str, port: int) -> Grpc:
     """Starts the server on (host, port); the port it bound is in the answer."""
-    server = grpc.aio.server()
+    server = grpc.aio.server(interceptors=[RefuseUndecodable()])
     pb_grpc.add_NextEpisodeServicer_to_server(NextEpisodeServicer(lease, guard), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

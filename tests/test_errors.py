@@ -293,3 +293,28 @@ def test_framework_answers_get_the_error_shape_and_a_405_lists_every_method() ->
     assert r.status_code == 404 and r.json() == {"error": "not found", "detail": None}
     r = client.patch("/thing", content=b"\xff\xfe", headers={"content-type": "application/json"})
     assert r.status_code == 422 and r.json()["detail"][0]["type"] == "json_invalid"
+
+
+@pytest.mark.parametrize(
+    ("body", "content_type", "says"),
+    [
+        (b'{"name": "a", "counts": [' + b"9" * 5000 + b"]}", "application/json", "4300 digits"),
+        (b"[" * 30_000 + b"]" * 30_000, "application/json", "nested too deep"),
+        (b'{"name": "a", "counts": []}', "text/plain", "it came as text/plain"),
+        (b'{"name": "a", "counts": []}', None, "it came without one"),
+    ],
+)
+def test_a_body_that_cannot_be_read_says_why(
+    body: bytes, content_type: str | None, says: str
+) -> None:
+    app = FastAPI()
+    errors.install(app)
+
+    @app.post("/pairs")
+    async def add_pair(pair: Pair) -> int:
+        return len(pair.counts)
+
+    headers = {"content-type": content_type} if content_type else {}
+    r = TestClient(app).post("/pairs", content=body, headers=headers)
+    assert r.status_code == 422
+    assert says in r.json()["error"] + " ".join(d["msg"] for d in r.json()["detail"])

@@ -9,7 +9,7 @@ even text) gets the same JSON error shape here, and a 405 names every method of 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -179,7 +179,19 @@ async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
 async def _invalid_request(request: Request, exc: Exception) -> JSONResponse:
     errors = exc.errors() if isinstance(exc, RequestValidationError) else []
     detail = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in errors]
-    return error_response(422, "invalid request", detail)
+    return error_response(422, _invalid_message(request, errors), detail)
+
+
+def _invalid_message(request: Request, errors: Sequence[Any]) -> str:
+    """The 422's message; it says so when the body was not even sent as JSON (the framework
+    then reads no fields, and its own message speaks only of a missing dictionary)."""
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media == "application/json" or media.endswith("+json"):
+        return "invalid request"
+    if not any(tuple(e["loc"][:1]) == ("body",) for e in errors):
+        return "invalid request"
+    came = f"as {media}" if media else "without one"
+    return f"invalid request: send the body as JSON, content-type application/json (it came {came})"
 
 
 async def _framework_error(request: Request, exc: Exception) -> JSONResponse:
@@ -187,7 +199,7 @@ async def _framework_error(request: Request, exc: Exception) -> JSONResponse:
     invalid input like any other (422); a 405 lists every method the path has."""
     status = exc.status_code if isinstance(exc, HTTPException) else 500
     if status == 400:
-        msg = "the body cannot be parsed as UTF-8 JSON"
+        msg = f"the body cannot be read as JSON: {_unreadable(exc.__cause__)}"
         detail = [{"loc": ["body"], "msg": msg, "type": "json_invalid"}]
         return error_response(422, "invalid request", detail)
     headers = None
@@ -195,6 +207,18 @@ async def _framework_error(request: Request, exc: Exception) -> JSONResponse:
         headers = {"Allow": ", ".join(allowed_methods(request))}
     message = exc.detail if isinstance(exc, HTTPException) else "error"
     return error_response(status, str(message).lower(), headers=headers)
+
+
+def _unreadable(cause: BaseException | None) -> str:
+    """Why a body failed before JSON syntax was even checked (syntax errors come as
+    validation errors with their position)."""
+    if isinstance(cause, UnicodeDecodeError):
+        return "it is not UTF-8"
+    if isinstance(cause, RecursionError):
+        return "its arrays or objects are nested too deep"
+    if isinstance(cause, ValueError):  # e.g. an integer past Python's digit limit
+        return str(cause).split(";")[0]
+    return "it is not UTF-8 JSON"
 
 
 def allowed_methods(request: Request) -> list[str]:

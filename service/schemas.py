@@ -50,6 +50,10 @@ def _whole(value: object) -> object:
 Whole = Annotated[int, BeforeValidator(_whole), PydanticStrict()]
 """An integer as JSON Schema has it: a number with no fraction, not a string or a boolean."""
 
+Age = Annotated[int, Field(ge=1, le=120), BeforeValidator(_whole), PydanticStrict()]
+"""A whole number of years. Bounds that a union's member carries (`Age | None`) reach the
+JSON Schema only when they come before the validator."""
+
 Real = Annotated[float, PydanticStrict()]
 """A number as JSON Schema has it (5 or 5.5), not a string or a boolean."""
 
@@ -62,7 +66,7 @@ class RequestContext(Strict):
     """Facts about the user for this request; each overrides what the bundle knows."""
 
     market: str | None = Field(None, pattern=r"^[A-Za-z]{2}$", description="ISO country code.")
-    age: Whole | None = Field(None, ge=1, le=120)
+    age: Age | None = None
     gender: Literal["m", "f"] | None = None
     occupation: str | None = Field(None, pattern=r"^[a-z][a-z \-]{0,39}$")
     region: str | None = Field(None, pattern=r"^[a-z0-9]{1,8}$", description="Zip-code region.")

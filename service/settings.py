@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from service.rules import RULE_NAMES
@@ -22,6 +22,10 @@ MAX_BEAM_WIDTH = 256
 
 MAX_PORT = 65535
 """The largest TCP port: a port setting above it is refused, never wrapped to another port."""
+
+EMBEDDED_REDIS_TIMEOUT_MS = 200.0
+"""The Redis timeout when none is set and the Redis is the embedded one (see
+:meth:`Settings._embedded_redis_budget`)."""
 
 SCOPES = ("read", "write", "admin")
 """What an API key may do: read (recommendations, playlists, profiles), write (events,
@@ -99,7 +103,10 @@ class Settings(BaseSettings):
         1000.0, gt=0, description="Per-request budget; past it the engine answer is dropped."
     )
     redis_timeout_ms: float = Field(
-        50.0, gt=0, description="Redis socket timeout (one attempt, no retries)."
+        50.0,
+        gt=0,
+        description="Redis socket timeout (one attempt, no retries); unset with the embedded "
+        "Redis: 200.",
     )
     redis_cooldown_s: float = Field(
         2.0, ge=0, description="After a Redis error, skip Redis this long (no retry storm)."
@@ -178,6 +185,15 @@ class Settings(BaseSettings):
         `candidates_per_item` per item asked so the reranker has items to choose from."""
         wanted = max(beam_width or self.beam_width, math.ceil(self.candidates_per_item * k))
         return min(wanted, MAX_BEAM_WIDTH)
+
+    @model_validator(mode="after")
+    def _embedded_redis_budget(self) -> Settings:
+        """The embedded Redis always shares the gateway's cores: a read a busy event loop
+        could not take within 50 ms would open the cool-down (no rate limits, no events)
+        for a burst that harms nothing, so it gets the budget the docs give a shared host."""
+        if self.redis_url is None and "redis_timeout_ms" not in self.model_fields_set:
+            self.redis_timeout_ms = EMBEDDED_REDIS_TIMEOUT_MS
+        return self
 
     @field_validator("rules", "engine_urls", "trusted_proxies", mode="before")
     @classmethod

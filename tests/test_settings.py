@@ -150,3 +150,14 @@ def test_trusted_proxies_are_addresses_or_networks(
             Settings()
     else:
         assert Settings().trusted_proxies == parsed
+
+
+def test_the_embedded_redis_gets_the_budget_of_a_shared_host(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("REDIS_URL", raising=False)
+    monkeypatch.delenv("GENREC_REDIS_TIMEOUT_MS", raising=False)
+    assert Settings().redis_timeout_ms == 200.0  # embedded: on the gateway's own cores
+    assert Settings(redis_url="redis://cache:6379").redis_timeout_ms == 50.0
+    monkeypatch.setenv("GENREC_REDIS_TIMEOUT_MS", "80")
+    assert Settings().redis_timeout_ms == 80.0  # what is set is kept

@@ -203,11 +203,12 @@ def build_profile(
     def share(n: int) -> float:
         return round(n / max(len(items), 1), 3)
 
-    if embedding is not None and items:
-        scores = catalog.vectors[items] @ embedding
-        representative = [items[j] for j in np.argsort(-scores, kind="stable")[:5]]
+    newest = list(dict.fromkeys(reversed(items)))  # each item once (a rewatch is one title)
+    if embedding is not None and newest:
+        scores = catalog.vectors[newest] @ embedding
+        representative = [newest[j] for j in np.argsort(-scores, kind="stable")[:5]]
     else:
-        representative = items[-5:][::-1]
+        representative = newest[:5]
     profile = TasteProfile(
         user_id=user_id,
         revision=revision,
@@ -220,7 +221,7 @@ def build_profile(
             Neighbourhood(prefix=str(code), genre=catalog.prefix_genre[code], share=share(n))
             for code, n in codes.most_common(5)
         ],
-        recent_items=[_item(catalog, i) for i in items[-5:][::-1]],
+        recent_items=[_item(catalog, i) for i in newest[:5]],
         edits=edits,
     )
     profile.summary = summarise(profile, len(items))

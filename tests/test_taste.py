@@ -271,3 +271,10 @@ def test_edits_that_keep_losing_to_concurrent_writers_are_a_conflict_not_an_outa
         asyncio.run(profiles.patch("u1", more, None))
     with pytest.raises(StaleRevision):  # with a revision, the first loss is stale: 412
         asyncio.run(profiles.patch("u1", more, profiles.store.revision))  # type: ignore[union-attr]
+
+
+def test_a_rewatched_item_is_listed_once() -> None:
+    profile = build_profile("u4", CATALOG, [0, 1, 2, 1, 2], np.array([1.0, 0.0]), TasteEdits(), 0)
+    assert [p.uri for p in profile.recent_items] == [uri(2), uri(1), uri(0)]  # newest first
+    listed = [p.uri for p in profile.representative_items]
+    assert len(listed) == len(set(listed)) == 3

@@ -6,7 +6,9 @@
 * more: the genre's share before and after a `more` edit;
 * `/v1/playlists` latency at concurrency 1;
 * plain language: for playlist prompts that name no genre word ("ghosts, monsters and
-  things that go bump in the night"), the share of the genre they mean, per prompt.
+  things that go bump in the night"), the share of the genre they mean, per prompt;
+* eras: for playlist prompts naming a decade ("movies from the 1970s"), the share of items
+  released in it, per prompt.
 
     python -m loadtest.bench_steering --target http://127.0.0.1:8000 --bundle bundles/ml-100k \\
         --users 100 --out artifacts/steering.json
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,21 +53,38 @@ PLAIN_LANGUAGE = (
 from the prompts the intent thresholds were chosen on (see `model_store.intent`)."""
 
 
-def plain_language(
-    client: httpx.Client, users: list[str], genres_of: dict[str, list[str]], length: int
+ERAS = (
+    ("movies from the 1970s", 1970),
+    ("films from the 1980s", 1980),
+    ("something from the nineties", 1990),
+    ("1950s", 1950),
+    ("a comedy from the 1960s", 1960),
+    ("the 40s", 1940),
+)
+"""Prompts that name a decade, and the decade's first year."""
+
+
+def meant_shares(
+    client: httpx.Client,
+    users: list[str],
+    prompts: Sequence[tuple[str, Any]],
+    meets: Callable[[str, Any], bool],
+    length: int,
+    path: str = "/v1/playlists",
 ) -> dict[str, dict[str, Any]]:
-    """Per plain-language prompt: the meant genre's share in each user's playlist."""
+    """Per prompt: the share of each user's list (a playlist, or recommendations asked with
+    the prompt) that `meets` what the prompt means."""
+    size = "k" if path == "/v1/recommendations" else "length"
     out = {}
-    for prompt, genre in PLAIN_LANGUAGE:
+    for prompt, meant in prompts:
         shares = []
         for user in users:
-            r = client.post(
-                "/v1/playlists", json={"user_id": user, "prompt": prompt, "length": length}
-            )
+            r = client.post(path, json={"user_id": user, "prompt": prompt, size: length})
             r.raise_for_status()
-            shares.append(share(r.json()["items"], genre, genres_of))
-        out[prompt] = {"genre": genre, "share": float(np.mean(shares)), "lists": len(shares)}
-        print(f"  {out[prompt]['share']:.2f}  {genre:12s} {prompt!r}")
+            items = r.json()["items"]
+            shares.append(sum(meets(i["uri"], meant) for i in items) / max(1, len(items)))
+        out[prompt] = {"meant": meant, "share": float(np.mean(shares)), "lists": len(shares)}
+        print(f"  {out[prompt]['share']:.2f}  {meant!s:12s} {prompt!r}")
     return out
 
 
@@ -158,10 +178,23 @@ def main() -> None:
     p50, p95 = report["playlist_ms_p50"], report["playlist_ms_p95"]
     print(f"/v1/playlists p50 {p50:.1f} ms, p95 {p95:.1f} ms (concurrency 1)")
     print("plain language (share of the meant genre in each playlist):")
-    meant = plain_language(client, users[: args.plain_users], genres_of, args.length)
+    few = users[: args.plain_users]
+    meant = meant_shares(
+        client, few, PLAIN_LANGUAGE, lambda uri, g: g in genres_of[uri], args.length
+    )
     report["plain_language"] = meant
     report["plain_language_share"] = float(np.mean([v["share"] for v in meant.values()]))
     print(f"plain-language share {report['plain_language_share']:.3f} over {len(meant)} prompts")
+    year_of = dict(zip(bundle.catalog["uri"], bundle.catalog["year"], strict=True))
+    for path in ("/v1/playlists", "/v1/recommendations"):
+        print(f"eras, {path} (share of the list released in the decade named):")
+        eras = meant_shares(
+            client, few, ERAS, lambda uri, y: y <= year_of[uri] <= y + 9, args.length, path
+        )
+        report[f"eras {path}"] = eras
+        mean = float(np.mean([v["share"] for v in eras.values()]))
+        report[f"era_share {path}"] = mean
+        print(f"era share {mean:.3f} over {len(eras)} prompts")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2))

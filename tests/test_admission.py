@@ -203,3 +203,23 @@ def test_without_keys_callers_are_counted_by_address_and_redis_down_lets_them_pa
         await down.close()
 
     asyncio.run(scenario())
+
+
+def test_a_burst_beyond_the_connection_pool_waits_for_a_connection(redis_url: str) -> None:
+    """More callers at once than the gateway keeps connections to Redis: each waits its turn
+    for one; none is refused, and Redis is not taken for down."""
+
+    async def scenario() -> None:
+        store = UserStore(redis_url, timeout_s=1.0, cooldown_s=30.0)
+        guard = Guard({}, rate="100000/minute", store=store)
+        before = metrics.REDIS_ERRORS.labels("rate_limit")._value.get()
+        try:
+            burst = [guard.check(None, "read", f"10.1.0.{i % 250}") for i in range(300)]
+            quotas = await asyncio.gather(*burst)
+            assert all(q is not None for q in quotas)  # every one counted in Redis
+            assert store.healthy
+            assert metrics.REDIS_ERRORS.labels("rate_limit")._value.get() == before
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())

@@ -71,17 +71,31 @@ def sync_client(url: str, timeout_s: float = 5.0, cluster: bool = False) -> Sync
     return redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), **options)
 
 
+GATEWAY_CONNECTIONS = 100
+"""Connections the gateway keeps to one Redis server: a call beyond them waits for one (up
+to the call's own timeout) instead of failing at once."""
+CLUSTER_NODE_CONNECTIONS = 1024
+"""Connections to one node of a Redis Cluster at most (its client cannot wait for one)."""
+
+
 def async_client(url: str, timeout_s: float, cluster: bool = False) -> AsyncClient:
     """The gateway's client: short timeouts and no retries (its cool-down handles failures,
-    so a dead node costs one timeout, not a retry storm)."""
+    so a dead node costs one timeout, not a retry storm). A burst of more calls than
+    connections waits for a free one: redis-py's default pool refuses the 101st call at
+    once, which the cool-down would take for an outage of a healthy Redis."""
     options: dict[str, Any] = {
         "socket_timeout": timeout_s,
         "socket_connect_timeout": timeout_s,
         "retry": Retry(NoBackoff(), 0),
     }
     if cluster:
-        return aredis.RedisCluster.from_url(url, **options)
-    return aredis.Redis.from_url(url, **options)
+        return aredis.RedisCluster.from_url(
+            url, max_connections=CLUSTER_NODE_CONNECTIONS, **options
+        )
+    pool = aredis.BlockingConnectionPool.from_url(
+        url, max_connections=GATEWAY_CONNECTIONS, timeout=timeout_s, **options
+    )
+    return aredis.Redis.from_pool(pool)
 
 
 def node_clients(client: SyncClient) -> list[redis.Redis]:

@@ -358,8 +358,8 @@ def embed_users_command(
     address: Annotated[
         str | None, typer.Option(help="Ray cluster address (default: a local Ray).")
     ] = None,
-    workers: Annotated[int, typer.Option(help="Embedding actors.")] = 2,
-    batch_size: Annotated[int, typer.Option(help="Users per actor batch.")] = 4096,
+    workers: Annotated[int, typer.Option(min=1, help="Embedding actors.")] = 2,
+    batch_size: Annotated[int, typer.Option(min=1, help="Users per actor batch.")] = 4096,
     snapshots: Annotated[
         Path, typer.Option(help="Parquet snapshots of the published histories.")
     ] = Path("data/snapshots"),
@@ -368,17 +368,21 @@ def embed_users_command(
     """Recompute every user's embedding from their latest history (the event log since the
     last run) on Ray Data, and publish it as a new version (the daily batch job)."""
     from model_store.bundle import BundleError, load_bundle
-    from model_store.embed_users import EmbedOptions, embed_users
+    from model_store.embed_users import EmbedOptions, JobLocked, embed_users
     from model_store.userstate.connect import redis_url_or_embedded
 
     try:
         bundle = load_bundle(bundle_dir)
     except BundleError as e:
         raise fail(str(e)) from e
+    if snapshots.exists() and not snapshots.is_dir():
+        raise fail(f"--snapshots {snapshots}: not a directory")
     options = EmbedOptions(snapshots, address, workers, batch_size, history_len, redis_cluster)
     url, embedded = redis_url_or_embedded(redis_url, redis_db)
     try:
         report = embed_users(bundle, url, options)
+    except JobLocked as e:
+        raise fail(str(e)) from e
     finally:
         if embedded is not None:
             embedded.close()

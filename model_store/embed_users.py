@@ -14,9 +14,11 @@ With ``--address`` the snapshots directory must be storage every Ray node can re
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
+import threading
 import time
 import warnings
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -29,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from redis.exceptions import LockError
 
 from model_store.bundle import Bundle
 from model_store.userstate.connect import (
@@ -65,8 +68,9 @@ log = logging.getLogger(__name__)
 SNAPSHOT_INFO = "snapshot.json"
 EVENT_CHUNK = 10_000  # log entries per XRANGE
 PIPELINE = 1024  # commands per pipeline when every log shard is read or trimmed
-LOCK_S = 12 * 3600
-"""How long a run may hold the job lock: a crashed run cannot block the next day's."""
+LEASE_S = 60.0
+"""The job lock's expiry, renewed every third of it while the run lives: a run killed
+outright (SIGKILL, an evicted pod) blocks the next one for a minute at most."""
 RETRIES = 3
 """Restarts of a dead actor and retries of its batch: a worker killed mid-run (node loss,
 OOM) does not fail the run, a worker that dies on every batch does (Ray's default of
@@ -612,14 +616,58 @@ def embed_users(
     options = options or EmbedOptions()
     start = time.perf_counter()
     client = sync_client(redis_url, timeout_s=REDIS_TIMEOUT_S, cluster=options.redis_cluster)
-    # One run at a time: two overlapping runs could trim log entries the other still needs.
-    lock = client.lock(JOB_LOCK, timeout=LOCK_S, blocking=False)
-    if not lock.acquire():
-        raise RuntimeError("another embed-users run holds the job lock; try again later")
     try:
-        return _run(client, bundle, redis_url, options, udf, start)
+        # One run at a time: two overlapping runs could trim log entries the other needs.
+        with JobLease(client) as lease:
+            return _run(client, bundle, redis_url, options, udf, start, lease)
     finally:
-        lock.release()
+        client.close()  # an embedded Redis stops only once its last client is gone
+
+
+class JobLocked(RuntimeError):
+    """Another run holds the job lock."""
+
+
+class JobLease:
+    """The job lock as a lease: a short expiry that a thread renews while the run lives, so
+    a run that dies without releasing it (killed outright) frees it within `LEASE_S`. A
+    lease lost all the same (Redis unreachable for longer than that) stops the run before
+    its flip: another run may have started meanwhile."""
+
+    def __init__(self, client: SyncClient) -> None:
+        # The token is shared with the renewing thread (redis-py keeps it per thread by default).
+        self._lock = client.lock(JOB_LOCK, timeout=LEASE_S, blocking=False, thread_local=False)
+        self._stop = threading.Event()
+        self._renewer = threading.Thread(target=self._renew, name="job-lease", daemon=True)
+        self.lost = False
+
+    def __enter__(self) -> JobLease:
+        if not self._lock.acquire():
+            raise JobLocked("another embed-users run holds the job lock; try again later")
+        self._renewer.start()
+        return self
+
+    def _renew(self) -> None:
+        while not self._stop.wait(LEASE_S / 3):
+            try:
+                self._lock.extend(LEASE_S, replace_ttl=True)
+            except LockError as e:  # expired and maybe taken: not ours any more
+                log.error("the job lock was lost: %s", e)
+                self.lost = True
+                return
+            except REDIS_ERRORS as e:  # a hiccup: the lease still runs, try again
+                log.warning("the job lock was not renewed: %s", e)
+
+    def check(self) -> None:
+        """RuntimeError once the lease is lost (called before anything is made current)."""
+        if self.lost:
+            raise RuntimeError("the job lock was lost (its lease expired): not flipping")
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._renewer.join()
+        with contextlib.suppress(LockError, *REDIS_ERRORS):
+            self._lock.release()
 
 
 def _run(
@@ -629,11 +677,13 @@ def _run(
     options: EmbedOptions,
     udf: type[EmbedBatch],
     start: float,
+    lease: JobLease,
 ) -> EmbedReport:
     plan = plan_run(client, bundle)
     snapshot = (options.snapshots / plan.version).resolve()
     try:
         _write_snapshot(bundle, plan, redis_url, snapshot, options, udf)
+        lease.check()
         deleted = flip(
             client, plan.version, plan.users, checkpoint=plan.end, snapshot=str(snapshot)
         )

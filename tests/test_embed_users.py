@@ -16,11 +16,14 @@ import pytest
 import redis
 from redis.typing import EncodableT, FieldT
 
+from model_store import embed_users as embed_users_module
 from model_store.bundle import Bundle, load_bundle
 from model_store.embed_users import (
     Base,
     EmbedBatch,
     EmbedOptions,
+    JobLease,
+    JobLocked,
     SnapshotInfo,
     WriteFence,
     choose_base,
@@ -301,6 +304,26 @@ def test_a_failed_run_keeps_the_old_version_and_the_log_and_leaves_nothing_behin
     # Its snapshot directory is removed; a write task still running on the shared Ray may
     # leave a stray part file, but never the snapshot.json a later run would build on.
     assert not list(options.snapshots.glob("*/snapshot.json"))
+
+
+def test_the_job_lock_is_a_lease_renewed_while_the_run_lives(
+    store: tuple[redis.Redis, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run holds the lock as long as it lives; one killed outright (SIGKILL, an evicted
+    pod: no `finally` runs) frees it within a lease, not hours later."""
+    client, _ = store
+    monkeypatch.setattr(embed_users_module, "LEASE_S", 0.3)
+    with JobLease(client):
+        time.sleep(1.0)  # three expiries: renewed each time
+        with pytest.raises(JobLocked):
+            JobLease(client).__enter__()
+    assert client.get(JOB_LOCK) is None  # released at the end
+    killed = JobLease(client).__enter__()
+    killed._stop.set()  # its process gone: nobody renews, nobody releases
+    killed._renewer.join()
+    time.sleep(0.5)
+    with JobLease(client):  # the next run starts
+        pass
 
 
 @pytest.mark.slow

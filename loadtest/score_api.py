@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Annotated
 
 import httpx
+import numpy as np
 import typer
 
 from loadtest.load import (
@@ -46,6 +47,7 @@ from model_store.evaluate import TOP_K, held_out
 from model_store.recommend import unseen
 from model_store.scores import (
     METRICS,
+    PER_USER_FILE,
     PerUserScores,
     per_user_metrics,
     read_per_user,
@@ -140,6 +142,24 @@ async def score_api(
     )
 
 
+def offline_served(eval_json: Path, users: list[str]) -> tuple[dict[str, float], str]:
+    """The offline `served` figures over `users` (what the API was asked for), and where they
+    come from: the per-user file beside `eval_json` when there is one, else its summary,
+    which covers every test user (so only a run over all of them compares like with like)."""
+    per_user_file = eval_json.with_name(PER_USER_FILE)
+    if per_user_file.is_file():
+        offline = read_per_user(per_user_file)
+        index = {u: i for i, u in enumerate(offline.user_ids)}
+        missing = [u for u in users if u not in index]
+        if not missing:
+            rows = np.array([index[u] for u in users], dtype=np.int64)
+            served = offline.rows["served"]
+            figures = {m: float(served[m][rows].mean()) for m in METRICS}
+            return figures, f"{per_user_file}, the same {len(users)} users"
+    summary = served_figures(json.loads(eval_json.read_text()))
+    return summary, f"{eval_json} (every test user: compare runs over all of them)"
+
+
 def comparison_lines(api: PerUserScores, offline: dict[str, float], tolerance: float) -> list[str]:
     """The API's figures beside the offline `served` row, and whether each is within
     `tolerance` of it."""
@@ -198,8 +218,10 @@ def main(
         str | None, typer.Option(envvar="GENREC_API_KEY", help="Sent as Bearer.")
     ] = None,
     concurrency: Annotated[int, typer.Option(help="Requests in flight.", min=1)] = 4,
-    max_users: Annotated[int | None, typer.Option(help="Only the first N test users.")] = None,
-    timeout: Annotated[float, typer.Option(help="Per-request timeout (s).")] = 30.0,
+    max_users: Annotated[
+        int | None, typer.Option(help="Only the first N test users.", min=1)
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="Per-request timeout (s).", min=0.001)] = 30.0,
     eval_json: Annotated[
         Path | None, typer.Option(help="eval.json with the `served` row (default BUNDLE's).")
     ] = None,
@@ -218,12 +240,13 @@ def main(
         raise typer.Exit(2) from e
     out.parent.mkdir(parents=True, exist_ok=True)
     write_per_user(out, scores)
-    offline = served_figures(json.loads((eval_json or bundle / "eval.json").read_text()))
+    offline, source = offline_served(eval_json or bundle / "eval.json", scores.user_ids)
     meta = scores.meta
     typer.echo(
         f"{len(scores.user_ids)} users; served by {meta['served_by']}; lists under k={TOP_K} "
         f"after the history cut: {meta['short_lists']}; unknown URIs: {meta['unknown_uris']}"
     )
+    typer.echo(f"served: {source}")
     typer.echo("\n".join(comparison_lines(scores, offline, tolerance)))
     if peer is not None:
         typer.echo("\n".join(peer_lines(scores, peer)))

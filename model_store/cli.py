@@ -165,8 +165,12 @@ def build(
     ] = None,
     seed: int = 0,
     evaluate: Annotated[bool, typer.Option("--eval/--no-eval")] = True,
-    max_users: Annotated[int | None, typer.Option(help="Use only the first N users.")] = None,
-    threads: Annotated[int | None, typer.Option(help="CPU threads (default: all cores).")] = None,
+    max_users: Annotated[
+        int | None, typer.Option(min=1, help="Use only the first N users.")
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="CPU threads (default: all cores).")
+    ] = None,
     settings: Annotated[
         list[str] | None,
         typer.Option("--set", help="Change one preset value, e.g. --set llm.epochs=30."),
@@ -300,12 +304,15 @@ def eval_command(
     ] = None,
     engine: EngineKind = EngineKind.torch,
     beam_width: Annotated[
-        int | None, typer.Option(help="Beams (default: the bundle's, as its build used).")
+        int | None,
+        typer.Option(min=1, help="Beams (default: the bundle's, as its build used)."),
     ] = None,
     max_users: Annotated[
-        int | None, typer.Option(help="Evaluate only the first N test users.")
+        int | None, typer.Option(min=1, help="Evaluate only the first N test users.")
     ] = None,
-    threads: Annotated[int | None, typer.Option(help="CPU threads (default: all cores).")] = None,
+    threads: Annotated[
+        int | None, typer.Option(min=1, help="CPU threads (default: all cores).")
+    ] = None,
     seeds: Annotated[
         int | None,
         typer.Option(

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from loadtest.score_api import pause_s, score_api
+from loadtest.score_api import offline_served, pause_s, score_api
 from model_store import metrics
 from model_store.bundle import load_bundle
 from model_store.cli import app
@@ -187,6 +187,17 @@ def test_score_api_drops_history_and_scores_the_held_out_item(tiny_bundle: Path)
     assert scores.user_ids == held.user_ids and scores.meta["served_by"] == {"generative": 20}
     # the consumed item ranked first is dropped, so the held-out item is at rank 0
     assert scores.rows["served"]["NDCG@10"].tolist() == [1.0] * 20
+
+
+def test_the_api_is_compared_with_served_over_the_same_users(tmp_path: Path) -> None:
+    served = {m: np.array([1.0, 0.0, 0.0, 0.0]) for m in METRICS}
+    write_per_user(tmp_path / "per_user.json", PerUserScores("b", list("abcd"), {"served": served}))
+    (tmp_path / "eval.json").write_text(json.dumps({"served": {m: 0.25 for m in METRICS}}))
+    figures, source = offline_served(tmp_path / "eval.json", ["a", "b"])  # --max-users 2
+    assert figures == {m: 0.5 for m in METRICS} and "the same 2 users" in source
+    (tmp_path / "per_user.json").unlink()
+    figures, source = offline_served(tmp_path / "eval.json", ["a", "b"])
+    assert figures == {m: 0.25 for m in METRICS} and "every test user" in source
 
 
 @pytest.mark.slow

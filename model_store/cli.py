@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -64,6 +66,25 @@ class EngineKind(StrEnum):
 def fail(message: str) -> typer.Exit:
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     return typer.Exit(code=2)
+
+
+@contextmanager
+def redis_failures(url: str | None) -> Iterator[None]:
+    """A Redis that cannot be reached, a URL that is none, or a cluster addressed as a
+    single server (or the other way round) ends the command with one line, not a traceback."""
+    from redis.connection import parse_url
+    from redis.exceptions import RedisClusterException, RedisError
+
+    if url:
+        try:
+            parse_url(url)
+        except ValueError as e:
+            raise fail(f"Redis URL {url}: {e}") from e
+    try:
+        yield
+    except (RedisError, RedisClusterException) as e:  # not OSError: the job writes files too
+        hint = " (a Redis Cluster node: add --redis-cluster)" if "MOVED" in str(e) else ""
+        raise fail(f"Redis at {url or 'the embedded Redis'}: {type(e).__name__}: {e}{hint}") from e
 
 
 def set_threads(threads: int | None) -> None:
@@ -385,14 +406,15 @@ def embed_users_command(
     if snapshots.exists() and not snapshots.is_dir():
         raise fail(f"--snapshots {snapshots}: not a directory")
     options = EmbedOptions(snapshots, address, workers, batch_size, history_len, redis_cluster)
-    url, embedded = redis_url_or_embedded(redis_url, redis_db)
-    try:
-        report = embed_users(bundle, url, options)
-    except JobLocked as e:
-        raise fail(str(e)) from e
-    finally:
-        if embedded is not None:
-            embedded.close()
+    with redis_failures(redis_url):
+        url, embedded = redis_url_or_embedded(redis_url, redis_db)
+        try:
+            report = embed_users(bundle, url, options)
+        except JobLocked as e:
+            raise fail(str(e)) from e
+        finally:
+            if embedded is not None:
+                embedded.close()
     typer.echo(
         f"embedded {report.users} users ({report.new_users} new, {report.events} events) as "
         f"{report.version} in {report.seconds:.1f} s ({report.users_per_s:,.0f} users/s); "

@@ -22,6 +22,7 @@ from model_store.cli import (
     RedisUrl,
     fail,
     load_named_dataset,
+    redis_failures,
     set_threads,
 )
 from model_store.userstate.connect import redis_url_or_embedded
@@ -81,12 +82,13 @@ def _first_run(
     An embedded Redis (no `redis_url`) is closed before this returns: the gateway opens its
     own on the same file, and uvicorn ends a process stopped by a signal by raising the
     signal again, past any `finally` of a caller, so a server held there would outlive it."""
-    url, embedded = redis_url_or_embedded(redis_url, redis_db)
-    try:
-        return _publish_unless_current(url, bundle, history_len, force, cluster)
-    finally:
-        if embedded is not None:
-            embedded.close()
+    with redis_failures(redis_url):
+        url, embedded = redis_url_or_embedded(redis_url, redis_db)
+        try:
+            return _publish_unless_current(url, bundle, history_len, force, cluster)
+        finally:
+            if embedded is not None:
+                embedded.close()
 
 
 def _publish_unless_current(

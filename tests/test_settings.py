@@ -161,3 +161,23 @@ def test_the_embedded_redis_gets_the_budget_of_a_shared_host(
     assert Settings(redis_url="redis://cache:6379").redis_timeout_ms == 50.0
     monkeypatch.setenv("GENREC_REDIS_TIMEOUT_MS", "80")
     assert Settings().redis_timeout_ms == 80.0  # what is set is kept
+
+
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("redis://127.0.0.1:1", "Redis at redis://127.0.0.1:1: ConnectionError"),
+        ("http://127.0.0.1:6379", "must specify one of the following schemes"),
+        ("redis://127.0.0.1:notaport", "Port could not be cast"),
+    ],
+)
+def test_a_redis_that_cannot_be_used_ends_a_command_with_one_line(
+    tiny_bundle: Path, url: str, says: str
+) -> None:
+    from typer.testing import CliRunner
+
+    from service.cli import app
+
+    result = CliRunner().invoke(app, ["publish-embeddings", str(tiny_bundle), "--redis-url", url])
+    assert result.exit_code == 2, result.output
+    assert says in result.output and "Traceback" not in result.output

@@ -32,6 +32,7 @@ RedisUrl = Annotated[
     str | None, typer.Option(envvar="REDIS_URL", help="Redis URL (default: embedded).")
 ]
 RedisDb = Annotated[Path, typer.Option(envvar="GENREC_REDIS_DB", help="Embedded Redis file.")]
+Threads = Annotated[int | None, typer.Option(min=1, help="CPU threads (default: all cores).")]
 HistoryLen = Annotated[
     int,
     typer.Option(envvar="GENREC_HISTORY_LEN", min=1, help="Items kept per user in Redis."),
@@ -189,9 +190,7 @@ def build(
     max_users: Annotated[
         int | None, typer.Option(min=1, help="Use only the first N users.")
     ] = None,
-    threads: Annotated[
-        int | None, typer.Option(min=1, help="CPU threads (default: all cores).")
-    ] = None,
+    threads: Threads = None,
     settings: Annotated[
         list[str] | None,
         typer.Option("--set", help="Change one preset value, e.g. --set llm.epochs=30."),
@@ -331,9 +330,7 @@ def eval_command(
     max_users: Annotated[
         int | None, typer.Option(min=1, help="Evaluate only the first N test users.")
     ] = None,
-    threads: Annotated[
-        int | None, typer.Option(min=1, help="CPU threads (default: all cores).")
-    ] = None,
+    threads: Threads = None,
     seeds: Annotated[
         int | None,
         typer.Option(

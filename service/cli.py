@@ -20,6 +20,7 @@ from model_store.cli import (
     RedisCluster,
     RedisDb,
     RedisUrl,
+    Threads,
     fail,
     load_named_dataset,
     redis_failures,
@@ -220,7 +221,7 @@ def demo(
     ] = Preset.full,
     port: int = 8000,
     grpc_port: int = 50051,
-    threads: Annotated[int | None, typer.Option(help="CPU threads for the build.")] = None,
+    threads: Threads = None,
 ) -> None:
     """Everything a newcomer needs: data, a bundle (built once), embeddings in Redis, and
     the service, with a request to copy."""

@@ -9,7 +9,6 @@ answer may be lesser is recorded in the trace.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from functools import lru_cache
 
 import numpy as np
 import structlog
@@ -18,7 +17,6 @@ from model_store.bundle import Bundle
 from model_store.catalog import Catalog
 from model_store.prompts import context_words
 from model_store.userstate.keys import consumed_since
-from model_store.userstate.publish import published_at
 from service import metrics, taste
 from service.schemas import RequestContext
 from service.taste import TasteEdits
@@ -110,8 +108,6 @@ class UserReader:
             log.warning("redis unavailable", error=str(e))
             trace.degrade("redis_down")
             return None
-        if state.version is not None:
-            _observe_version(state.version)
         if state.version is not None and state.bundle_version != self.bundle.version:
             trace.degrade("stale_embedding")  # published for another bundle: indices differ
             return replace(state, version=None, embedding=None, history=None, checkpoint=None)
@@ -134,16 +130,6 @@ class UserReader:
             str(row.get("region", "")),
         )
         return words, age
-
-
-_published_at = lru_cache(maxsize=8)(published_at)
-
-
-def _observe_version(version: str) -> None:
-    """The age metric follows the version being served (each version parsed once)."""
-    at = _published_at(version)
-    if at is not None:
-        metrics.embedding_published(at)
 
 
 def _edits(raw: str | None) -> TasteEdits:

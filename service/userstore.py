@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -42,6 +43,8 @@ from model_store.userstate.keys import (
     skips_key,
     state_key,
 )
+from model_store.userstate.publish import published_at
+from service import metrics
 
 log = structlog.get_logger(__name__)
 
@@ -143,6 +146,10 @@ class LoggedEvent:
     ts: float
 
 
+_published_at = lru_cache(maxsize=8)(published_at)
+"""When a version was published (each version parsed once)."""
+
+
 class UserStore:
     """The gateway's reader: one round trip per request, short timeouts, no retries, and
     after a failure Redis is skipped for `cooldown_s` so a dead server costs nothing.
@@ -209,6 +216,9 @@ class UserStore:
     async def _refresh(self) -> None:
         version, checkpoint = await self.call(self._client.hmget(ACTIVE, ["version", "checkpoint"]))
         self._active = (_text(version), _text(checkpoint))
+        at = _published_at(self._active[0]) if self._active[0] is not None else None
+        if at is not None:  # the age metric follows the version served, requests or not
+            metrics.embedding_published(at)
 
     async def _refresh_loop(self) -> None:
         while True:

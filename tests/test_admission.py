@@ -12,6 +12,9 @@ from typing import cast
 import pytest
 
 from model_store.generation import Engine, Prompt
+from model_store.userstate.connect import sync_client
+from model_store.userstate.keys import ACTIVE
+from model_store.userstate.publish import published_at
 from service import metrics
 from service.admission import SETTLE_BATCHES, Admission, Overloaded, expected_wait
 from service.api.auth import Forbidden, Guard, RateLimited, Unauthenticated, limits_uri
@@ -223,3 +226,21 @@ def test_a_burst_beyond_the_connection_pool_waits_for_a_connection(redis_url: st
             await store.close()
 
     asyncio.run(scenario())
+
+
+def test_the_embedding_age_follows_the_version_read_without_a_request(redis_url: str) -> None:
+    """A flip reaches the age metric at the gateway's next version refresh: a quiet gateway
+    does not report the age of the version before."""
+    version = "ml-100k-abc@20260101T000000000000"
+    sync_client(redis_url).hset(ACTIVE, mapping={"version": version, "checkpoint": "0-0"})
+
+    async def scenario() -> None:
+        store = UserStore(redis_url, timeout_s=1.0, cooldown_s=0.0)
+        try:
+            await store.active_version()
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
+    age = metrics.EMBEDDING_AGE.collect()[0].samples[0].value
+    assert age == pytest.approx(time.time() - published_at(version), abs=5.0)

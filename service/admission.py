@@ -32,6 +32,11 @@ plain mean, so one slow batch after a start or a rollout (a cold path, a closing
 cannot refuse the requests behind it on its own."""
 
 
+def whole_seconds(seconds: float) -> int:
+    """Seconds for a `Retry-After`: whole, and at least 1."""
+    return max(1, math.ceil(seconds))
+
+
 class Overloaded(Exception):
     """The engine cannot serve this request before its deadline (or its line is full)."""
 
@@ -43,7 +48,7 @@ class Overloaded(Exception):
     @property
     def retry_after(self) -> int:
         """Whole seconds for `Retry-After`: at least 1."""
-        return max(1, math.ceil(self.retry_after_s))
+        return whole_seconds(self.retry_after_s)
 
 
 def expected_wait(ahead: int, per_request_s: float) -> float:

@@ -8,7 +8,6 @@ even text) gets the same JSON error shape here, and a 405 names every method of 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,7 +22,7 @@ from starlette.routing import Match
 
 from model_store.bundle import BundleError
 from model_store.catalog import UnknownItem
-from service.admission import Overloaded
+from service.admission import Overloaded, whole_seconds
 from service.api.auth import Forbidden, RateLimited, Unauthenticated
 from service.api.serving import BundleNotFound, OutsideRoot, RolloutBusy
 from service.events import EventsUnavailable
@@ -112,7 +111,7 @@ def _retry_after(e: Exception) -> dict[str, str]:
     """`Retry-After` in whole seconds (at least 1) when the error says when to come back:
     the engine's expected wait, or the rest of Redis's cool-down after a failure."""
     seconds = getattr(e, "retry_after_s", None)
-    return {} if seconds is None else {"Retry-After": str(max(1, math.ceil(seconds)))}
+    return {} if seconds is None else {"Retry-After": str(whole_seconds(seconds))}
 
 
 def _quota_reset(e: Exception) -> int:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -86,6 +87,22 @@ def redis_failures(url: str | None) -> Iterator[None]:
     except (RedisError, RedisClusterException) as e:  # not OSError: the job writes files too
         hint = " (a Redis Cluster node: add --redis-cluster)" if "MOVED" in str(e) else ""
         raise fail(f"Redis at {url or 'the embedded Redis'}: {type(e).__name__}: {e}{hint}") from e
+
+
+@contextmanager
+def unwinding_on_sigterm() -> Iterator[None]:
+    """SIGTERM (a CronJob's deadline, an eviction) raises SystemExit instead of ending the
+    process outright, so every `finally` runs: a stopped job deletes its unfinished version
+    and snapshot, releases its lock and stops the Ray and the embedded Redis it started."""
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def set_threads(threads: int | None) -> None:
@@ -393,7 +410,7 @@ def embed_users_command(
     """Recompute every user's embedding from their latest history (the event log since the
     last run) on Ray Data, and publish it as a new version (the daily batch job)."""
     from model_store.bundle import BundleError, load_bundle
-    from model_store.embed_users import EmbedOptions, JobLocked, embed_users
+    from model_store.embed_users import EmbedOptions, JobLocked, RayUnreachable, embed_users
     from model_store.userstate.connect import redis_url_or_embedded
 
     try:
@@ -403,11 +420,11 @@ def embed_users_command(
     if snapshots.exists() and not snapshots.is_dir():
         raise fail(f"--snapshots {snapshots}: not a directory")
     options = EmbedOptions(snapshots, address, workers, batch_size, history_len, redis_cluster)
-    with redis_failures(redis_url):
+    with redis_failures(redis_url), unwinding_on_sigterm():
         url, embedded = redis_url_or_embedded(redis_url, redis_db)
         try:
             report = embed_users(bundle, url, options)
-        except JobLocked as e:
+        except (JobLocked, RayUnreachable) as e:
             raise fail(str(e)) from e
         finally:
             if embedded is not None:

@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import shutil
+import socket
 import threading
 import time
 import warnings
@@ -43,6 +44,7 @@ from model_store.userstate.connect import (
 )
 from model_store.userstate.keys import (
     BUCKETS,
+    BUILDING,
     CONSUMED_TYPES,
     JOB_LOCK,
     NO_CHECKPOINT,
@@ -56,6 +58,7 @@ from model_store.userstate.publish import (
     current_version,
     delete_version,
     flip,
+    listed_versions,
     new_version,
     write_users,
 )
@@ -78,6 +81,7 @@ unlimited retries would spin forever)."""
 REDIS_TIMEOUT_S = 60.0  # one batch of a few thousand users, on a busy server
 BATCHES_PER_BLOCK = 4
 WRITE_DRAIN_S = 60.0  # longest wait for a failed run's writes in progress
+RAY_CONNECT_S = 10.0  # a Ray cluster at --address that does not answer within: refused
 
 
 @dataclass(frozen=True)
@@ -437,17 +441,65 @@ def parquet_rows(directory: Path) -> int:
     return sum(pq.ParquetFile(p).metadata.num_rows for p in _parquet_files(directory))
 
 
-def discard_version(client: SyncClient, version: str, snapshot: Path) -> None:
-    """Best effort after a failed run: the version's keys and snapshot go; never those of a
-    version that became current (a flip can fail after its SET)."""
+def discard_version(client: SyncClient, version: str, snapshot: Path | None) -> None:
+    """Best effort after a failed run: the version's keys and snapshot go, and the record of
+    the run; never those of a version that was listed (a flip can fail after its script)."""
     try:
-        if current_version(client) == version:
-            return
-        delete_version(client, version)
-    except REDIS_ERRORS as e:  # unknown state: the snapshot stays, too
+        listed = version in listed_versions(client)
+        if not listed:
+            delete_version(client, version)
+        client.delete(BUILDING)
+    except REDIS_ERRORS as e:  # unknown state: the snapshot and the record stay, too
         log.warning("could not delete the failed version %s: %s", version, e)
         return
-    shutil.rmtree(snapshot, ignore_errors=True)
+    if snapshot is not None and not listed:
+        shutil.rmtree(snapshot, ignore_errors=True)
+
+
+def sweep_killed_run(client: SyncClient) -> str | None:
+    """Deletes what a run killed before its own cleanup left behind (SIGKILL, a lost node):
+    its version's keys and snapshot, found in the record it wrote before its first write.
+    Called under the job lock, so that run is over. The version swept, if any."""
+    record = {_text(k): _text(v) for k, v in client.hgetall(BUILDING).items()}
+    version = record.get("version")
+    if not version:
+        return None
+    log.warning("sweeping version %s of a run that ended without its cleanup", version)
+    snapshot = record.get("snapshot")
+    discard_version(client, version, Path(snapshot) if snapshot else None)
+    return version
+
+
+def sweep_snapshots(snapshots: Path, keep: Iterable[str]) -> list[str]:
+    """Removes the snapshots in `snapshots` of versions that are no longer listed (deleted by
+    a flip, here or by another publisher): only the last two are ever built on. A directory
+    counts as a snapshot when it holds the snapshot info, which is written last."""
+    kept = set(keep)
+    gone = []
+    for info in sorted(snapshots.glob(f"*/{SNAPSHOT_INFO}")):
+        if info.parent.name not in kept:
+            shutil.rmtree(info.parent, ignore_errors=True)
+            gone.append(info.parent.name)
+    return gone
+
+
+class RayUnreachable(RuntimeError):
+    """The Ray cluster at `--address` does not answer."""
+
+
+def check_ray_reachable(address: str | None, timeout_s: float = RAY_CONNECT_S) -> None:
+    """One TCP connect to `address` (``host:port`` or ``ray://host:port``): Ray itself retries
+    an address that does not answer 20 times, ~40 s each, before it gives up."""
+    if not address:
+        return
+    host, sep, port = address.split("://")[-1].rpartition(":")
+    if not sep or not port.isdigit():
+        return  # "auto" and the like: Ray's own resolution and errors
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as e:
+        raise RayUnreachable(f"Ray at {address} does not answer: {e}") from None
 
 
 @contextmanager
@@ -597,12 +649,6 @@ def _write_snapshot(
     SnapshotInfo(bundle.version, plan.end, plan.users).save(snapshot)
 
 
-def _delete_snapshots(snapshots: Path, versions: Iterable[str]) -> None:
-    """The snapshots of versions the flip deleted: only the last two are ever built on."""
-    for version in versions:
-        shutil.rmtree(snapshots / version, ignore_errors=True)
-
-
 def embed_users(
     bundle: Bundle,
     redis_url: str,
@@ -614,6 +660,7 @@ def embed_users(
 
     `udf`: the actor class (a subclass lets tests inject worker failures)."""
     options = options or EmbedOptions()
+    check_ray_reachable(options.address)
     start = time.perf_counter()
     client = sync_client(redis_url, timeout_s=REDIS_TIMEOUT_S, cluster=options.redis_cluster)
     try:
@@ -679,8 +726,10 @@ def _run(
     start: float,
     lease: JobLease,
 ) -> EmbedReport:
+    sweep_killed_run(client)
     plan = plan_run(client, bundle)
     snapshot = (options.snapshots / plan.version).resolve()
+    client.hset(BUILDING, mapping={"version": plan.version, "snapshot": str(snapshot)})
     try:
         _write_snapshot(bundle, plan, redis_url, snapshot, options, udf)
         lease.check()
@@ -690,7 +739,8 @@ def _run(
     except BaseException:
         discard_version(client, plan.version, snapshot)
         raise
-    _delete_snapshots(options.snapshots, deleted)
+    client.delete(BUILDING)  # killed before this, the next run finds its version listed
+    sweep_snapshots(options.snapshots, listed_versions(client))
     if plan.end != NO_CHECKPOINT:
         trim_log(client, plan.end)
     return EmbedReport(

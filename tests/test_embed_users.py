@@ -3,18 +3,25 @@ against a real Redis: results, checkpoints, snapshots, worker deaths and failed 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import socket
+import subprocess
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import cast
 
 import numpy as np
+import psutil
 import pyarrow as pa
 import pytest
 import redis
 from redis.typing import EncodableT, FieldT
+from typer.testing import CliRunner
 
 from model_store import embed_users as embed_users_module
 from model_store.bundle import Bundle, load_bundle
@@ -38,15 +45,17 @@ from model_store.embed_users import (
     users_table,
 )
 from model_store.user_model import user_states
+from service.cli import app
 from model_store.userstate.connect import sync_client
 from model_store.userstate.keys import (
+    BUILDING,
     CURRENT,
     JOB_LOCK,
     event_log_key,
     meta_key,
     stream_position,
 )
-from model_store.userstate.publish import publish_bundle, read_user
+from model_store.userstate.publish import new_version, publish_bundle, read_user, write_users
 from tests.servers import RedisServer
 
 ATOL = 2e-3  # float16 in Redis and in the snapshot
@@ -338,3 +347,109 @@ def test_a_second_run_is_refused_while_one_holds_the_job_lock(
         embed_users(bundle, url, _options(tmp_path))
     assert _current(client) == before  # nothing started: no Ray, no writes, no flip
     held.release()
+
+
+@pytest.mark.slow
+def test_the_next_run_sweeps_what_a_killed_run_and_other_publishers_left(
+    local_ray: None, store: tuple[redis.Redis, str], bundle: Bundle, tmp_path: Path
+) -> None:
+    """A run killed outright (SIGKILL, a lost node) leaves its version's keys and snapshot;
+    a version deleted by another publisher leaves its snapshot: the next run removes both."""
+    client, url = store
+    before = publish_bundle(client, bundle).version
+    options = _options(tmp_path)
+    killed = new_version(bundle.version)
+    write_users(client, killed, ["u1"], np.ones((1, 8), np.float32), [np.arange(3)])
+    half_written = options.snapshots / killed
+    half_written.mkdir(parents=True)
+    (half_written / "part-0.parquet").write_bytes(b"partial")
+    client.hset(BUILDING, mapping={"version": killed, "snapshot": str(half_written)})
+    deleted_elsewhere = options.snapshots / "ml-100k-0@20260101T000000000000"
+    deleted_elsewhere.mkdir()
+    SnapshotInfo(bundle.version, "1-0", 3).save(deleted_elsewhere)
+
+    report = embed_users(bundle, url, options)
+
+    versions = {k.decode().split(":", 2)[2] for k in client.scan_iter(match="state:*")}
+    assert versions == {before, report.version}
+    assert not half_written.exists() and not deleted_elsewhere.exists()
+    assert [p.name for p in options.snapshots.iterdir()] == [report.version]
+    assert not client.exists(BUILDING)
+
+
+def test_a_ray_address_that_does_not_answer_ends_the_command_at_once(
+    store: tuple[redis.Redis, str], tiny_bundle: Path
+) -> None:
+    """Ray itself would retry it for minutes; nothing is started or locked."""
+    client, url = store
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+    args = ["embed-users", str(tiny_bundle), "--redis-url", url, "--address", f"127.0.0.1:{port}"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    assert f"error: Ray at 127.0.0.1:{port} does not answer" in result.output
+    assert not client.exists(JOB_LOCK) and not client.exists(BUILDING)
+
+
+def _ray_of(driver: int) -> list[psutil.Process]:
+    """The processes of the local Ray that process `driver` started (its session's name ends
+    with the driver's pid)."""
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        if any(f"_{driver}/" in part for part in proc.info["cmdline"] or ()):
+            found.append(proc)
+            with contextlib.suppress(psutil.Error):
+                found.extend(proc.children(recursive=True))
+    return found
+
+
+@pytest.mark.slow
+def test_a_run_stopped_by_sigterm_leaves_nothing_behind(
+    bundle: Bundle, tiny_bundle: Path, tmp_path: Path
+) -> None:
+    """SIGTERM (a CronJob's deadline, an eviction) in the middle of the writes: the command
+    deletes its version and snapshot, frees the lock, stops its Ray, and exits."""
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    assert server.proc is not None
+    client = sync_client(server.url)
+    before = publish_bundle(client, bundle).version
+    snapshots = tmp_path / "snapshots"
+    args = ["embed-users", str(tiny_bundle), "--redis-url", server.url, "--workers", "1"]
+    job = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", *args, "--snapshots", str(snapshots)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        _wait(lambda: _ray_of(job.pid), job)  # past the run's plan: Ray starts
+        server.proc.send_signal(signal.SIGSTOP)  # every write now waits: the run is mid-way
+        _wait(lambda: any("MapWorker" in p.name() for p in _ray_of(job.pid)), job)
+        ray_processes = _ray_of(job.pid)
+        job.send_signal(signal.SIGTERM)
+        server.proc.send_signal(signal.SIGCONT)
+        _, err = job.communicate(timeout=120)
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
+        job.kill()
+        server.stop()
+        server.start()
+    assert job.returncode != 0, err.decode()[-2000:]
+    client = sync_client(server.url)
+    assert _current(client) == before
+    versions = {k.decode().split(":", 2)[2] for k in client.scan_iter(match="state:*")}
+    assert versions == {before}
+    assert not client.exists(BUILDING) and not client.exists(JOB_LOCK)
+    assert not list(snapshots.glob("*"))
+    time.sleep(2)  # Ray's shutdown ends its processes a moment after the driver
+    assert not [p for p in ray_processes if p.is_running() and p.status() != "zombie"]
+    server.stop()
+
+
+def _wait(condition: Callable[[], object], job: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 90
+    while not condition():
+        assert job.poll() is None, job.stderr.read().decode()[-2000:] if job.stderr else ""
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)

@@ -32,6 +32,9 @@ Control keys, all under one tag (``{ctl}``) so a flip is one atomic script in a 
 * ``emb:{ctl}:versions``     → published versions, newest first (old ones are deleted)
 * ``emb:{ctl}:meta:{version}`` → hash {checkpoint, snapshot, users, published_at}
 * ``emb:{ctl}:job``          → the lock of the running daily job (one run at a time)
+* ``emb:{ctl}:building``     → hash {version, snapshot} of the daily job's run in progress,
+                               written before its first write: what the next run deletes
+                               when this one was killed before its own cleanup
 
 Gateways cache the active version (and its checkpoint) for a few seconds instead of
 reading ``emb:{ctl}:active`` per request, which in a cluster would be one hot key on one
@@ -66,6 +69,8 @@ ACTIVE = f"emb:{CONTROL_TAG}:active"
 VERSIONS = f"emb:{CONTROL_TAG}:versions"
 JOB_LOCK = f"emb:{CONTROL_TAG}:job"
 """Held by the running `embed-users` job (a redis-py lock with an expiry)."""
+BUILDING = f"emb:{CONTROL_TAG}:building"
+"""The run in progress of the `embed-users` job: {version, snapshot}."""
 LIVE_MAX = 500
 """Live events kept per user: more than a day of listening between two daily runs."""
 

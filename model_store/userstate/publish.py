@@ -153,6 +153,11 @@ def current_version(client: SyncClient) -> str | None:
     return raw.decode() if isinstance(raw, bytes) else raw
 
 
+def listed_versions(client: SyncClient) -> list[str]:
+    """The published versions not yet deleted, newest first (the current one included)."""
+    return [v.decode() if isinstance(v, bytes) else v for v in client.lrange(VERSIONS, 0, -1)]
+
+
 def flip(
     client: SyncClient,
     version: str,

@@ -873,20 +873,24 @@ def main(
         int | None, typer.Option(help="Closed loop: this many workers.", min=1)
     ] = None,
     rate: Annotated[float | None, typer.Option(help="Open loop: requests/s.", min=0.001)] = None,
-    duration: Annotated[float, typer.Option(help="Measured seconds (after warmup).")] = 30.0,
+    duration: Annotated[
+        float, typer.Option(help="Measured seconds (after warmup).", min=0.001)
+    ] = 30.0,
     max_requests: Annotated[
         int | None, typer.Option(help="Stop after this many measured requests.", min=1)
     ] = None,
-    warmup: Annotated[float, typer.Option(help="Seconds of uncounted requests first.")] = 2.0,
+    warmup: Annotated[
+        float, typer.Option(help="Seconds of uncounted requests first.", min=0)
+    ] = 2.0,
     known: Annotated[float, typer.Option(help="Share: known users.")] = Mix.known,
     unknown: Annotated[float, typer.Option(help="Share: unknown users.")] = Mix.unknown,
     prompted: Annotated[float, typer.Option(help="Share: prompted (REST only).")] = Mix.prompted,
     next_episode: Annotated[
         float, typer.Option(help="Share: next-episode requests.")
     ] = Mix.next_episode,
-    seed: int = 0,
+    seed: Annotated[int, typer.Option(min=0)] = 0,
     k: Annotated[int, typer.Option(help="Items per request.", min=1, max=100)] = 10,
-    timeout: Annotated[float, typer.Option(help="Per-request timeout (s).")] = 10.0,
+    timeout: Annotated[float, typer.Option(help="Per-request timeout (s).", min=0.001)] = 10.0,
     metrics_url: Annotated[
         str | None,
         typer.Option(help="Prometheus URL (default: TARGET/metrics for REST, none for gRPC)."),

@@ -34,6 +34,7 @@ RedisUrl = Annotated[
 ]
 RedisDb = Annotated[Path, typer.Option(envvar="GENREC_REDIS_DB", help="Embedded Redis file.")]
 Threads = Annotated[int | None, typer.Option(min=1, help="CPU threads (default: all cores).")]
+Seed = Annotated[int, typer.Option(min=0, max=2**32 - 1, help="Random seed.")]
 HistoryLen = Annotated[
     int,
     typer.Option(envvar="GENREC_HISTORY_LEN", min=1, help="Items kept per user in Redis."),
@@ -143,10 +144,10 @@ def fetch(dataset: Annotated[str, typer.Argument(help="Only 'ml-100k' is fetched
 @data_app.command("synth")
 def synth(
     out: Annotated[Path, typer.Option(help="Directory for the atomic files.")],
-    users: int = 1000,
-    items: int = 5000,
-    clusters: int = 32,
-    seed: int = 0,
+    users: Annotated[int, typer.Option(min=1)] = 1000,
+    items: Annotated[int, typer.Option(min=1)] = 5000,
+    clusters: Annotated[int, typer.Option(min=1)] = 32,
+    seed: Seed = 0,
 ) -> None:
     """Generate a synthetic music/podcast catalog with latent clusters."""
     from model_store import synthetic
@@ -200,9 +201,9 @@ def build(
     preset: Preset = Preset.full,
     holdout: Holdout = Holdout.test,
     base_model: Annotated[
-        Path | None, typer.Option(help="Pretrained HF causal LM to extend.")
+        Path | None, typer.Option(help="Pretrained HF causal LM to extend (a directory).")
     ] = None,
-    seed: int = 0,
+    seed: Seed = 0,
     evaluate: Annotated[bool, typer.Option("--eval/--no-eval")] = True,
     max_users: Annotated[
         int | None, typer.Option(min=1, help="Use only the first N users.")
@@ -220,6 +221,13 @@ def build(
     from model_store.config import PRESETS, override
 
     set_threads(threads)
+    if base_model is not None:
+        from model_store.llm import BaseModelError, check_base_model
+
+        try:
+            check_base_model(base_model)
+        except BaseModelError as e:
+            raise fail(str(e)) from e
     cfg = PRESETS[preset.value].with_seed(seed)
     if max_users is not None:
         cfg = replace(cfg, max_users=max_users)

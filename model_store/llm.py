@@ -115,6 +115,32 @@ def new_model(vocab: Vocab, cfg: LLMConfig) -> Qwen2ForCausalLM:
     return Qwen2ForCausalLM(config)
 
 
+class BaseModelError(ValueError):
+    """A `--base-model` that is not a causal LM this project can extend and serve."""
+
+
+def check_base_model(base_dir: Path) -> None:
+    """Reads the base model's config only (a fraction of a second), so that a wrong
+    `--base-model` fails before the build's first stage and not after its embeddings."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig
+
+    if not (base_dir / "config.json").is_file():
+        raise BaseModelError(f"{base_dir}: not a Hugging Face model directory (no config.json)")
+    try:
+        config = AutoConfig.from_pretrained(str(base_dir))
+    except (OSError, ValueError, KeyError) as e:
+        raise BaseModelError(f"{base_dir}: {e}") from None
+    if type(config) not in MODEL_FOR_CAUSAL_LM_MAPPING:
+        raise BaseModelError(f"{base_dir}: a {config.model_type} model is no causal LM")
+    head_dim = getattr(config, "head_dim", None) or (
+        config.hidden_size // config.num_attention_heads
+    )
+    if head_dim not in CPU_ATTENTION_HEAD_DIMS:
+        raise BaseModelError(
+            f"{base_dir}: head_dim {head_dim} is not one vLLM's CPU attention runs"
+        )
+
+
 def extend_base_model(base_dir: Path, vocab: Vocab) -> tuple[PreTrainedModel, Vocab, object]:
     """Load a pretrained causal LM and append our words and SID tokens to its vocabulary.
 
@@ -123,13 +149,9 @@ def extend_base_model(base_dir: Path, vocab: Vocab) -> tuple[PreTrainedModel, Vo
     """
     from transformers import AutoTokenizer
 
+    check_base_model(base_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
-    head_dim = getattr(model.config, "head_dim", None) or (
-        model.config.hidden_size // model.config.num_attention_heads
-    )
-    if head_dim not in CPU_ATTENTION_HEAD_DIMS:
-        raise ValueError(f"{base_dir}: head_dim {head_dim} is not one vLLM's CPU attention runs")
     base_vocab = tokenizer.get_vocab()
     base_tokens = [t for t, _ in sorted(base_vocab.items(), key=lambda kv: kv[1])]
     sid_start = vocab.sid_start

@@ -7,15 +7,18 @@ from pathlib import Path
 import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, T5Config
+from typer.testing import CliRunner
 
 from model_store.build import build
 from model_store.bundle import load_bundle
 from model_store.config import PRESETS
 from model_store.data import default_cache_dir, load_dataset
 from model_store.engines.torch_engine import TorchEngine
+from model_store.llm import BaseModelError, check_base_model
 from model_store.prompts import MODES
 from model_store.recommend import Recommender
+from service.cli import app
 
 pytestmark = pytest.mark.slow
 
@@ -85,3 +88,26 @@ def test_build_extends_a_pretrained_model(ml100k_dir: Path, tmp_path: Path) -> N
     beams = rec.generate(TorchEngine.from_dir(bundle.llm_dir), prompts, beam_width=10)[0]
     assert len({b.item for b in beams}) == 10
     assert all(bundle.trie.is_valid(b.sid) for b in beams)
+
+
+def test_a_base_model_that_cannot_be_extended_is_refused_before_the_build(
+    tmp_path: Path,
+) -> None:
+    """Read from its config alone: a wrong `--base-model` costs no build stage."""
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{not json")
+    T5Config().save_pretrained(str(tmp_path / "seq2seq"))
+    Qwen2Config(hidden_size=60, num_attention_heads=2).save_pretrained(str(tmp_path / "heads"))
+    cases = {
+        "missing": "no config.json",
+        "broken": "not a valid JSON",
+        "seq2seq": "no causal LM",
+        "heads": "head_dim 30",
+    }
+    for name, reason in cases.items():
+        with pytest.raises(BaseModelError, match=reason):
+            check_base_model(tmp_path / name)
+    args = ["build", "--out", str(tmp_path / "out"), "--base-model", str(tmp_path / "heads")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "head_dim 30" in result.output
+    assert not (tmp_path / "out").exists()

@@ -45,7 +45,6 @@ from model_store.embed_users import (
     users_table,
 )
 from model_store.user_model import user_states
-from service.cli import app
 from model_store.userstate.connect import sync_client
 from model_store.userstate.keys import (
     BUILDING,
@@ -56,6 +55,7 @@ from model_store.userstate.keys import (
     stream_position,
 )
 from model_store.userstate.publish import new_version, publish_bundle, read_user, write_users
+from service.cli import app
 from tests.servers import RedisServer
 
 ATOL = 2e-3  # float16 in Redis and in the snapshot

@@ -38,7 +38,9 @@ class Event(Strict):
     item: ItemUri = Field(examples=["ml-100k:movie:50"])
     type: EventType
     ts: Real | None = Field(
-        None, ge=0, description="Seconds since the epoch; the time of arrival when absent."
+        None,
+        ge=0,
+        description="Seconds since the epoch; the time of arrival when absent or 0 (as in gRPC).",
     )
 
 
@@ -126,7 +128,7 @@ class Events:
             if event.ts is not None and event.ts > now + MAX_AHEAD_S:
                 rejected.append(Rejected(index=index, error="ts: more than a day in the future"))
                 continue
-            ts = event.ts if event.ts is not None else now
+            ts = event.ts or now  # 0 is gRPC's unset value: the same on both protocols
             valid.append(LoggedEvent(event.event_id, event.user_id, event.item, event.type, ts))
         if rejected:
             metrics.EVENTS.labels("any", "rejected").inc(len(rejected))

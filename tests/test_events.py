@@ -140,6 +140,13 @@ def test_grpc_report_takes_the_same_events(live: Live) -> None:
     assert (reply.accepted, reply.duplicates) == (2, 0)
     assert [r.index for r in reply.rejected] == [2]
     assert not set(before[:2]) & set(_uris(live.recommend(user)))
+    # ts 0 (gRPC's unset value, and given as such on REST) is the time of arrival on both
+    sent = time.time()
+    live.report([pb.Event(event_id=f"g{next(_ids)}", user_id=user, item_uri=before[3], ts=0)])
+    live.events([{**_event(user, before[4]), "ts": 0}])
+    log = sync_client(live.redis.url).xrange(event_log_key(user))
+    stamps = [float(fields[b"ts"]) for _, fields in log[-2:]]
+    assert all(sent - 1 <= ts <= time.time() + 1 for ts in stamps), stamps
 
 
 def test_a_new_user_with_plays_is_served_from_them(live: Live) -> None:

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import structlog
+from redis.exceptions import RedisClusterException
 
 from model_store.userstate.connect import REDIS_ERRORS, async_client
 from model_store.userstate.keys import (
@@ -150,9 +151,34 @@ _published_at = lru_cache(maxsize=8)(published_at)
 """When a version was published (each version parsed once)."""
 
 
+WHOLE = ""
+"""The cool-down's unit for a single server, and for a cluster whose topology is not known."""
+
+
+class Cooldowns:
+    """Until when each unit of Redis is skipped after a failure: a cluster node (so a dead
+    primary costs only its own users' answers and its own slots' events), or the whole
+    single server."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._until: dict[str, float] = {}
+
+    def left(self, units: set[str]) -> float:
+        """Seconds until every one of `units` is tried again (0: none is skipped)."""
+        now = time.monotonic()
+        return max((self._until.get(u, 0.0) - now for u in units | {WHOLE}), default=0.0)
+
+    def open(self, units: set[str]) -> None:
+        until = time.monotonic() + self.seconds
+        for unit in units:
+            self._until[unit] = until
+
+
 class UserStore:
     """The gateway's reader: one round trip per request, short timeouts, no retries, and
-    after a failure Redis is skipped for `cooldown_s` so a dead server costs nothing.
+    after a failure the server (in a cluster, the node) is skipped for `cooldown_s`, so a
+    dead one costs nothing.
 
     `cluster`: `url` names any node of a Redis Cluster. `refresh_s`: how often the active
     version is read again (a flip reaches the gateway within this plus one round trip)."""
@@ -175,32 +201,37 @@ class UserStore:
         self._fetch: Any = self._client.register_script(_FETCH)
         self._set_edits: Any = self._client.register_script(_SET_EDITS)
         self._append_events: Any = self._client.register_script(_APPEND_EVENTS)
-        self._down_until = 0.0
+        self._cooling = Cooldowns(cooldown_s)
         self._active: tuple[str | None, str | None] | None = None  # (version, checkpoint)
         self._refreshing: asyncio.Task[None] | None = None
-
-    @property
-    def healthy(self) -> bool:
-        return time.monotonic() >= self._down_until
-
-    def mark_down(self) -> None:
-        self._down_until = time.monotonic() + self.cooldown_s
 
     @property
     def client(self) -> Any:
         """The client (timeouts, no retries), for other users of the same Redis."""
         return self._client
 
-    async def call(self, coro: Any) -> Any:
-        """Awaits one Redis call: StoreUnavailable when it fails or Redis is being skipped."""
-        if not self.healthy:
+    def _units(self, keys: tuple[str, ...]) -> set[str]:
+        """What a call on `keys` depends on: the nodes that serve them in a cluster (none for
+        a call without keys: it neither waits for a node nor closes one), else the server."""
+        if not self.cluster:
+            return {WHOLE}
+        try:
+            return {self._client.get_node_from_key(k).name for k in keys}
+        except RedisClusterException:  # slots not read yet: the cluster is all we know
+            return {WHOLE}
+
+    async def call(self, coro: Any, *keys: str) -> Any:
+        """Awaits one Redis call on `keys`: StoreUnavailable when it fails, or when a node
+        it needs failed in the last `cooldown_s` (then it is not sent)."""
+        units = self._units(keys)
+        left = self._cooling.left(units)
+        if left > 0:
             coro.close()
-            left = self._down_until - time.monotonic()
             raise StoreUnavailable("redis skipped after a recent failure", left)
         try:
             return await coro
         except REDIS_ERRORS as e:
-            self.mark_down()
+            self._cooling.open(units)
             raise StoreUnavailable(f"redis: {type(e).__name__}: {e}", self.cooldown_s) from e
 
     async def active_version(self) -> tuple[str | None, str | None]:
@@ -214,7 +245,8 @@ class UserStore:
         return self._active
 
     async def _refresh(self) -> None:
-        version, checkpoint = await self.call(self._client.hmget(ACTIVE, ["version", "checkpoint"]))
+        reply = await self.call(self._client.hmget(ACTIVE, ["version", "checkpoint"]), ACTIVE)
+        version, checkpoint = reply
         self._active = (_text(version), _text(checkpoint))
         at = _published_at(self._active[0]) if self._active[0] is not None else None
         if at is not None:  # the age metric follows the version served, requests or not
@@ -238,7 +270,7 @@ class UserStore:
             skips_key(user),
         ]
         args = [emb_field(user), hist_field(user), "1" if version else "0"]
-        reply = await self.call(self._fetch(keys=keys, args=args))
+        reply = await self.call(self._fetch(keys=keys, args=args), keys[0])
         emb, hist, rev, edits, live, dislikes, skips = reply
         return UserState(
             version=version,
@@ -271,7 +303,7 @@ class UserStore:
                 keys += [seen_event_key(u, e.event_id), live_key(u), dislikes_key(u), skips_key(u)]
                 args += [e.event_id, u, e.item, e.type, e.ts]
             batches.append((keys, args))
-        replies = await self.call(self._append_all(batches))
+        replies = await self._append_all(batches)
         ids: list[str | None] = [None] * len(events)
         for members, reply in zip(groups.values(), replies, strict=True):
             for i, entry in zip(members, reply, strict=True):
@@ -290,19 +322,28 @@ class UserStore:
         return int(total)
 
     async def _append_all(self, batches: list[tuple[list[str], list[Any]]]) -> list[Any]:
-        calls = (self._append_events(keys=keys, args=args) for keys, args in batches)
-        return list(await asyncio.gather(*calls))
+        """One script call per bucket, all at once; none is sent while a node the batch
+        needs is skipped, and each failed call closes its own node."""
+        left = self._cooling.left(self._units(tuple(keys[0] for keys, _ in batches)))
+        if left > 0:
+            raise StoreUnavailable("redis skipped after a recent failure", left)
+        calls = (self.call(self._append_events(keys=k, args=a), k[0]) for k, a in batches)
+        replies = await asyncio.gather(*calls, return_exceptions=True)
+        for reply in replies:
+            if isinstance(reply, BaseException):
+                raise reply
+        return replies
 
     async def get_edits(self, user: str) -> tuple[int, str | None]:
         """(revision, edits JSON or None) of the user's taste profile."""
-        rev, edits = await self.call(self._client.hmget(profile_key(user), ["rev", "edits"]))
+        key = profile_key(user)
+        rev, edits = await self.call(self._client.hmget(key, ["rev", "edits"]), key)
         return int(rev or 0), None if edits is None else edits.decode()
 
     async def set_edits(self, user: str, expected_revision: int, edits: str) -> tuple[bool, int]:
         """Writes `edits` if the stored revision is `expected_revision`: (written, revision)."""
-        ok, rev = await self.call(
-            self._set_edits(keys=[profile_key(user)], args=[expected_revision, edits])
-        )
+        key = profile_key(user)
+        ok, rev = await self.call(self._set_edits(keys=[key], args=[expected_revision, edits]), key)
         return bool(ok), int(rev)
 
     async def ping(self) -> bool:

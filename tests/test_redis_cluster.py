@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -24,13 +25,15 @@ from model_store.bundle import Bundle, load_bundle
 from model_store.embed_users import log_end, log_entries, log_length, trim_log
 from model_store.userstate.connect import node_clients, sync_client
 from model_store.userstate.keys import (
+    ACTIVE,
     bucket_of,
     bucket_state_key,
     event_log_key,
+    live_key,
     stream_position,
 )
 from model_store.userstate.publish import current_version, publish, publish_bundle, read_user
-from service.userstore import LoggedEvent, UserStore
+from service.userstore import LoggedEvent, StoreUnavailable, UserStore
 from tests.servers import RedisCluster, ServiceProcess
 
 pytestmark = [
@@ -300,3 +303,54 @@ def test_the_store_reads_one_version_per_answer_while_versions_flip(
     similarity, length = asyncio.run(scenario())
     full = min(len(bundle.histories[5]), 1000)
     assert (similarity > 0, length) in ((True, full), (False, full - 1))  # one version
+
+
+@contextlib.contextmanager
+def _paused(cluster: RedisCluster, port: int) -> Iterator[None]:
+    """A primary that stops answering for a moment (well within the node timeout: no
+    failover), as one does under a long command or a stalled disk."""
+    cluster.procs[port].send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        cluster.procs[port].send_signal(signal.SIGCONT)
+
+
+def test_a_node_that_fails_is_skipped_alone(cluster: RedisCluster, bundle: Bundle) -> None:
+    """The cool-down is a node's: while one primary is skipped the users of the others are
+    served, and while the node of `{ctl}` does not answer the cached version serves."""
+    client = sync_client(cluster.url, cluster=True)
+    version = publish_bundle(client, bundle).version
+    ctl = client.get_node_from_key(ACTIVE).port
+    stopped, healthy = [p for p in cluster.primaries() if p != ctl][:2]
+    ids = [str(u) for u in bundle.users["user_id"]]
+
+    def user_on(port: int) -> str:
+        return next(u for u in ids if client.get_node_from_key(live_key(u)).port == port)
+
+    a, b = user_on(stopped), user_on(healthy)
+    uri = str(bundle.catalog["uri"][3])
+
+    async def scenario() -> None:
+        store = UserStore(cluster.url, timeout_s=0.2, cooldown_s=30.0, cluster=True, refresh_s=60)
+        try:
+            await store.fetch(a)  # the topology and the version, cached
+            with _paused(cluster, stopped), pytest.raises(StoreUnavailable, match="Timeout"):
+                await store.fetch(a)
+            with pytest.raises(StoreUnavailable, match="skipped") as skipped:
+                await store.fetch(a)  # answering again, but in its cool-down: not asked
+            assert 25 < (skipped.value.retry_after_s or 0) <= 30
+            assert (await store.fetch(b)).embedding is not None  # its users are served
+            with pytest.raises(StoreUnavailable, match="skipped"):  # a batch is whole or not
+                await store.append_events(
+                    [LoggedEvent(f"n{next(_ids)}", u, uri, "play", 0) for u in (a, b)], 60
+                )
+            with _paused(cluster, ctl):
+                with pytest.raises(StoreUnavailable):
+                    await store._refresh()
+                served = await store.fetch(b)
+            assert served.version == version and served.embedding is not None
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import math
 import subprocess
 import tempfile
@@ -40,6 +41,7 @@ from loadtest.bench_redis import synthetic_users
 from tests.servers import REDIS_CLI, REDIS_SERVER, RedisCluster, free_port
 
 KEPT_VERSIONS = 3  # the current, the previous, and the one being published
+READ_GAP_S = 0.001  # between one store's reads while a primary is down: a request stream
 HEADROOM = 0.75  # of a node's memory for data: the rest for replication buffers and forks
 
 
@@ -168,6 +170,66 @@ def failover_window(nodes: RedisCluster) -> dict[str, float]:
     }
 
 
+async def answers_while_a_primary_is_down(
+    nodes: RedisCluster, users: list[str], seconds: float, per_side: int = 40
+) -> dict[str, dict[str, float]]:
+    """Kills a primary that does not hold `{ctl}` and, for `seconds`, reads users of it and
+    of the other primaries in turn through two gateway stores at once (the gateway's
+    defaults: 50 ms timeout, 2 s cool-down): one whose cool-down is a node's (now), one
+    whose cool-down is the whole cluster's (before). The share of reads answered, per side."""
+    from model_store.userstate.connect import sync_client
+    from model_store.userstate.keys import ACTIVE, live_key
+    from service.userstore import WHOLE, StoreUnavailable, UserStore
+
+    class WholeClusterCooldown(UserStore):
+        def _units(self, keys: tuple[str, ...]) -> set[str]:
+            return {WHOLE}
+
+    url = f"redis://127.0.0.1:{nodes.primaries()[0]}"  # the first node may be dead by now
+    client = sync_client(url, cluster=True)
+    ctl = client.get_node_from_key(ACTIVE).port
+    victim = next(p for p in nodes.primaries() if p != ctl)
+    on: dict[bool, list[str]] = {True: [], False: []}
+    for user in users:
+        side = on[client.get_node_from_key(live_key(user)).port == victim]
+        if len(side) < per_side:
+            side.append(user)
+    order = [u for pair in zip(on[True], on[False], strict=False) for u in pair]
+    stores = {
+        "per_node": UserStore(url, 0.05, 2.0, cluster=True),
+        "whole_cluster": WholeClusterCooldown(url, 0.05, 2.0, cluster=True),
+    }
+
+    async def drive(store: UserStore, until: float) -> dict[str, float]:
+        asked = {True: 0, False: 0}
+        answered = {True: 0, False: 0}
+        while time.monotonic() < until:
+            for user in order:
+                side = user in on[True]
+                asked[side] += 1
+                with contextlib.suppress(StoreUnavailable):
+                    await store.fetch(user)
+                    answered[side] += 1
+                await asyncio.sleep(READ_GAP_S)  # a skipped read awaits nothing
+        return {
+            "victim_answered": answered[True] / max(asked[True], 1),
+            "others_answered": answered[False] / max(asked[False], 1),
+            "others_asked": float(asked[False]),
+        }
+
+    try:
+        for store in stores.values():
+            for user in order:
+                await store.fetch(user)  # the topology and the version, cached
+        nodes.kill(victim)
+        until = time.monotonic() + seconds
+        shares = await asyncio.gather(*(drive(s, until) for s in stores.values()))
+    finally:
+        for store in stores.values():
+            await store.close()
+    return dict(zip(stores, shares, strict=True))
+
+
 def sizing(bytes_per_user: float, users: float, node_gib: list[int]) -> list[dict[str, Any]]:
     data = bytes_per_user * users * KEPT_VERSIONS
     rows = []
@@ -209,11 +271,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         try:
             out["cluster"] = measure(nodes.url, True, data, args)
             out["failover"] = failover_window(nodes)
+            out["primary_down"] = asyncio.run(
+                answers_while_a_primary_is_down(nodes, data[0], args.down_seconds)
+            )
         finally:
             nodes.stop()
     out["settings"] = {
         k: getattr(args, k) for k in ("users", "dim", "history", "repeats", "fetches")
-    }
+    } | {"down_s": args.down_seconds}
     out["sizing"] = {
         "users": args.target_users,
         "versions_kept": KEPT_VERSIONS,
@@ -248,6 +313,14 @@ def report(r: dict[str, Any]) -> None:
         f"failover window: {f['seconds']:.2f} s from SIGKILL to the first acknowledged write "
         f"(cluster-node-timeout {f['node_timeout_ms']:.0f} ms, {f['attempts']:.0f} attempts)"
     )
+    print(
+        f"reads answered in the {r['settings']['down_s']} s after a primary's SIGKILL:"
+    )
+    for name, d in r["primary_down"].items():
+        print(
+            f"  cool-down {name:<14} its users {d['victim_answered']:6.1%}, the other "
+            f"primaries' users {d['others_answered']:6.1%} ({d['others_asked']:.0f} reads)"
+        )
     z = r["sizing"]
     print(
         f"sizing for {z['users']:,.0f} users ({z['versions_kept']} versions at once, "
@@ -270,6 +343,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="publishes per setup")
     parser.add_argument("--fetches", type=int, default=5000)
     parser.add_argument("--node-timeout-ms", type=int, default=1000)
+    parser.add_argument(
+        "--down-seconds", type=float, default=5.0, help="reads while a primary is down"
+    )
     parser.add_argument("--target-users", type=float, default=1e9)
     parser.add_argument("--node-gib", type=int, nargs="+", default=[32, 64, 128])
     run_bench(parser, run, report)

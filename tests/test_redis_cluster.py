@@ -20,6 +20,7 @@ import httpx
 import numpy as np
 import pytest
 import redis
+from limits import parse
 
 from model_store.bundle import Bundle, load_bundle
 from model_store.embed_users import log_end, log_entries, log_length, trim_log
@@ -33,6 +34,7 @@ from model_store.userstate.keys import (
     stream_position,
 )
 from model_store.userstate.publish import current_version, publish, publish_bundle, read_user
+from service.api.auth import RateLimiter
 from service.userstore import LoggedEvent, StoreUnavailable, UserStore
 from tests.servers import RedisCluster, ServiceProcess
 
@@ -329,6 +331,12 @@ def test_a_node_that_fails_is_skipped_alone(cluster: RedisCluster, bundle: Bundl
         return next(u for u in ids if client.get_node_from_key(live_key(u)).port == port)
 
     a, b = user_on(stopped), user_on(healthy)
+
+    def window(caller: str) -> str:
+        return f"LIMITS:{parse('5/minute').key_for(caller)}"
+
+    def window_port(caller: str) -> int:
+        return int(client.get_node_from_key(window(caller)).port)
     uri = str(bundle.catalog["uri"][3])
 
     async def scenario() -> None:
@@ -350,6 +358,13 @@ def test_a_node_that_fails_is_skipped_alone(cluster: RedisCluster, bundle: Bundl
                     await store._refresh()
                 served = await store.fetch(b)
             assert served.version == version and served.embedding is not None
+            # A rate-limit window is a key like any other: its node's cool-down holds.
+            limiter = RateLimiter(store)
+            identities = (f"{n * 2654435761 % 2**32:08x}" for n in range(200))  # all slots
+            callers = {window_port(caller): caller for caller in identities}
+            assert await limiter.hit(callers[healthy], "5/minute") is not None
+            assert client.exists(window(callers[healthy]))  # the key the cool-down follows
+            assert await limiter.hit(callers[stopped], "5/minute") is None  # skipped: uncounted
         finally:
             await store.close()
 

@@ -129,9 +129,11 @@ class RateLimiter:
         """Counts one call against `rate`; :class:`RateLimited` past it, None when Redis is
         away."""
         item = self._items.get(rate) or self._items.setdefault(rate, parse(rate))
+        # The window's key as `limits` names it: in a cluster, the node whose cool-down holds.
+        key = f"{RedisStorage.PREFIX}:{item.key_for(identity)}"
         try:
-            allowed = await self.store.call(self._limiter.hit(item, identity))
-            stats = await self.store.call(self._limiter.get_window_stats(item, identity))
+            allowed = await self.store.call(self._limiter.hit(item, identity), key)
+            stats = await self.store.call(self._limiter.get_window_stats(item, identity), key)
         except StoreUnavailable as e:
             metrics.REDIS_ERRORS.labels("rate_limit").inc()
             log.warning("rate limit not counted", error=str(e))

@@ -313,9 +313,7 @@ def report(r: dict[str, Any]) -> None:
         f"failover window: {f['seconds']:.2f} s from SIGKILL to the first acknowledged write "
         f"(cluster-node-timeout {f['node_timeout_ms']:.0f} ms, {f['attempts']:.0f} attempts)"
     )
-    print(
-        f"reads answered in the {r['settings']['down_s']} s after a primary's SIGKILL:"
-    )
+    print(f"reads answered in the {r['settings']['down_s']} s after a primary's SIGKILL:")
     for name, d in r["primary_down"].items():
         print(
             f"  cool-down {name:<14} its users {d['victim_answered']:6.1%}, the other "

@@ -337,6 +337,7 @@ def test_a_node_that_fails_is_skipped_alone(cluster: RedisCluster, bundle: Bundl
 
     def window_port(caller: str) -> int:
         return int(client.get_node_from_key(window(caller)).port)
+
     uri = str(bundle.catalog["uri"][3])
 
     async def scenario() -> None:

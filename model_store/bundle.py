@@ -76,14 +76,20 @@ def bundle_files(directory: Path) -> list[str]:
     )
 
 
+def content_version(dataset: str, files: dict[str, str]) -> str:
+    """The bundle's name: its dataset and a digest of its files' checksums (equal builds
+    match; any changed file changes it)."""
+    content = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:12]
+    return f"{dataset}-{content}"
+
+
 def write_manifest(directory: Path, meta: dict[str, Any]) -> dict[str, Any]:
     """Checksums every file and names the bundle by its content, so equal builds match."""
     files = {name: sha256_file(directory / name) for name in bundle_files(directory)}
-    content = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:12]
     manifest = {
         "schema_version": SCHEMA_VERSION,
-        "bundle_version": f"{meta.get('dataset', 'bundle')}-{content}",
         **meta,
+        "bundle_version": content_version(str(meta["dataset"]), files),
         "files": files,
     }
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True))
@@ -98,9 +104,13 @@ def verify(directory: Path) -> dict[str, Any]:
     if not path.is_file():
         raise BundleError(f"{path}: missing manifest (partial or unfinished bundle?)")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(path.read_bytes().decode())
+    except UnicodeDecodeError as e:
+        raise BundleError(f"{path}: not UTF-8 text (byte {e.start})") from e
     except json.JSONDecodeError as e:
         raise BundleError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from e
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{path}: not a JSON object")
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise BundleError(
             f"{path}: schema version {manifest.get('schema_version')!r}, expected {SCHEMA_VERSION}"
@@ -108,6 +118,14 @@ def verify(directory: Path) -> dict[str, Any]:
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
         raise BundleError(f"{path}: no file checksums")
+    if not all(isinstance(v, str) for v in files.values()):
+        raise BundleError(f"{path}: a checksum that is not a string")
+    dataset = manifest.get("dataset")
+    if not isinstance(dataset, str) or not dataset:
+        raise BundleError(f"{path}: no dataset name")
+    version, expected = manifest.get("bundle_version"), content_version(dataset, files)
+    if version != expected:  # two bundles must never share a version: rollouts go by it
+        raise BundleError(f"{path}: bundle_version {version!r} is not {expected!r} (edited?)")
     missing = [name for name in REQUIRED_FILES if name not in files]
     if missing:
         raise BundleError(

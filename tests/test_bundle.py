@@ -43,6 +43,18 @@ def test_manifest_lists_every_file_and_the_evaluation(tiny_bundle: Path) -> None
     assert (tiny_bundle / "eval.png").stat().st_size > 1000
 
 
+def _edit_manifest(directory: Path, **changes: object) -> None:
+    """The manifest with keys changed (None: removed), as a hand edit would leave it."""
+    path = directory / "manifest.json"
+    manifest = json.loads(path.read_text())
+    for key, value in changes.items():
+        if value is None:
+            manifest.pop(key)
+        else:
+            manifest[key] = value
+    path.write_text(json.dumps(manifest))
+
+
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
@@ -50,6 +62,11 @@ def test_manifest_lists_every_file_and_the_evaluation(tiny_bundle: Path) -> None
         (lambda d: (d / "sid_trie.npz").unlink(), "missing"),
         (lambda d: (d / "manifest.json").unlink(), "missing manifest"),
         (lambda d: (d / "manifest.json").write_text("{"), "not valid JSON"),
+        (lambda d: (d / "manifest.json").write_text("[]"), "not a JSON object"),
+        (lambda d: (d / "manifest.json").write_bytes(b"\xff\xfe{}"), "not UTF-8"),
+        (lambda d: _edit_manifest(d, dataset=None), "no dataset name"),
+        (lambda d: _edit_manifest(d, bundle_version=None), "bundle_version None is not"),
+        (lambda d: _edit_manifest(d, bundle_version="ml-100k-mine"), "'ml-100k-mine' is not"),
     ],
 )
 def test_damaged_bundle_is_refused(tiny_bundle: Path, tmp_path: Path, damage, message) -> None:

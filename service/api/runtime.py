@@ -165,6 +165,8 @@ class Runtime:
             await self.reload(self.settings.bundle)
         except (BundleError, RolloutBusy) as e:
             log.error("bundle rollout refused; the old bundle keeps serving", error=str(e))
+        except Exception:  # a signal's task: nobody else would hear of it
+            log.exception("bundle rollout failed; the old bundle keeps serving")
 
     def begin_drain(self) -> None:
         """Not ready from now on (the listener stays open; requests are still served).

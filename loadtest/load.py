@@ -223,8 +223,14 @@ class Outcome:
     retry_after: str | None = None  # what a refusal (503, 429) said about coming back
 
 
-REFUSED = frozenset({"503", "429", "RESOURCE_EXHAUSTED"})
+REFUSED = frozenset({"503", "429", "UNAVAILABLE", "RESOURCE_EXHAUSTED"})
 """Statuses of an overloaded or rate-limited gateway: the request was turned away at once."""
+
+
+def refused(status: str, retry_after: str | None) -> bool:
+    """Turned away by the gateway, not failed: gRPC's UNAVAILABLE is also what a client
+    says of a server it cannot reach, and only the gateway's refusal says when to return."""
+    return status in REFUSED and (status != "UNAVAILABLE" or retry_after is not None)
 
 
 class Client(Protocol):
@@ -495,7 +501,7 @@ def summarize(records: Sequence[Record], duration_s: float) -> dict[str, Any]:
     in_server = [r for r in ok if "total" in r.timings_ms]
     transport = [r.service_ms - r.timings_ms["total"] for r in in_server]
     errors = [r for r in records if not r.ok]
-    refused = [r for r in errors if r.status in REFUSED]
+    turned_away = [r for r in errors if refused(r.status, r.retry_after)]
     return {
         "requests": n,
         "ok": len(ok),
@@ -511,9 +517,9 @@ def summarize(records: Sequence[Record], duration_s: float) -> dict[str, Any]:
         "kinds": dict(Counter(r.kind for r in records).most_common()),
         "status": dict(Counter(r.status for r in records).most_common()),
         "refused": {
-            "share": round(len(refused) / n, 4) if n else None,
-            "with_retry_after": sum(r.retry_after is not None for r in refused),
-            "latency_ms": percentiles(r.latency_ms for r in refused),
+            "share": round(len(turned_away) / n, 4) if n else None,
+            "with_retry_after": sum(r.retry_after is not None for r in turned_away),
+            "latency_ms": percentiles(r.latency_ms for r in turned_away),
         },
         "latency_by_kind_ms": {
             kind: percentiles((r.latency_ms for r in ok if r.kind == kind), (50, 95))

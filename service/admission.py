@@ -6,7 +6,7 @@ seconds over batch size), so the wait a new request faces is the requests ahead 
 times that cost. When that wait is more than a share of the request's remaining budget
 (`max_wait_share` of the time to its deadline: the rest is slack for the search's own
 variance and for ranking), or the line is full, the request is refused with
-:class:`Overloaded` (HTTP 503 with `Retry-After`, gRPC `RESOURCE_EXHAUSTED`) instead of
+:class:`Overloaded` (HTTP 503 with `Retry-After`, gRPC `UNAVAILABLE`) instead of
 queueing behind work the engine cannot finish in time: the requests it admits keep their
 latency, and the caller learns when to come back. A request with nobody ahead is always
 admitted: it costs no one else anything, and its search keeps the measure current (a

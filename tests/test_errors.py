@@ -85,7 +85,7 @@ CASES: list[tuple[Exception, int, grpc.StatusCode, str, object]] = [
     (
         Overloaded("deadline", 2.2, "overloaded: the engine is busy"),
         503,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.UNAVAILABLE,
         "overloaded: the engine is busy",
         {"reason": "deadline", "retry_after_s": 3},
     ),

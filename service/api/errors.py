@@ -73,9 +73,9 @@ ERRORS: dict[type[Exception], ErrorKind] = {
         message=lambda e: f"events unavailable: {e}",
         headers=lambda e: _retry_after(e),
     ),
-    Overloaded: ErrorKind(
+    Overloaded: ErrorKind(  # RESOURCE_EXHAUSTED is the caller's own quota (429)
         503,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.UNAVAILABLE,
         detail=lambda e: {"reason": getattr(e, "reason", None), "retry_after_s": _retry(e)},
         headers=lambda e: _retry_after(e),
     ),

@@ -276,6 +276,9 @@ def test_values_schema_accepts_the_shipped_values_and_rejects_mistakes(helm: Any
 def test_templates_refuse_inconsistent_values(helm: Any) -> None:
     for bad, message in (
         ({"gateway": {"pdb": {"minAvailable": 2}}}, "minAvailable"),  # = hpa.minReplicas
+        ({"gateway": {"pdb": {"minAvailable": "100%"}}}, "below 100%"),
+        ({"gateway": {"hpa": {"minReplicas": 5, "maxReplicas": 3}}}, "must not exceed"),
+        ({"ingress": {"enabled": True, "hosts": []}}, "at least one ingress.hosts"),
         ({"bundle": {"source": "url"}}, "bundle.url"),
         ({"bundle": {"source": "url", "url": {"url": "https://x/b.tgz"}}}, "sha256"),
         ({"redis": {"enabled": False}}, "redis.external"),
@@ -310,6 +313,20 @@ def test_templates_refuse_inconsistent_values(helm: Any) -> None:
     ):
         with pytest.raises(helm.HelmError, match=re.escape(message)):
             _render(helm, bad)
+
+
+def test_names_fit_kubernetes_limits_for_the_longest_release_name(helm: Any) -> None:
+    """Helm allows release names of 53 characters: every object's name stays a DNS label of
+    at most 63, and a StatefulSet's at most 52 (its pods' controller-revision-hash label
+    adds 11)."""
+    label = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    for variant in ("everything", "scaleout", "router"):
+        docs = _render(helm, {**VARIANTS[variant], "fullnameOverride": "r" * 53 + "-genrec"})
+        for doc in docs:
+            name = doc["metadata"]["name"]
+            assert len(name) <= 63 and label.match(name), (variant, doc["kind"], name)
+            if doc["kind"] == "StatefulSet":
+                assert len(name) <= 52, (variant, name)
 
 
 def _crd_schemas() -> dict[str, dict[str, Any]]:

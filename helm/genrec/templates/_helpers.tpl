@@ -17,9 +17,11 @@
 {{- end }}
 {{- end }}
 
-{{/* "<fullname>-<suffix>", kept within 63 characters. */}}
+{{/* "<fullname>-<suffix>", kept within 52 characters: a StatefulSet's pods carry a
+     controller-revision-hash label of its name and 11 more (labels end at 63), and
+     "<name>-headless" Services stay within 63. */}}
 {{- define "genrec.component" -}}
-{{- printf "%s-%s" (include "genrec.fullname" .root | trunc (int (sub 62 (len .name))) | trimSuffix "-") .name }}
+{{- printf "%s-%s" (include "genrec.fullname" .root | trunc (int (sub 51 (len .name))) | trimSuffix "-") .name }}
 {{- end }}
 
 {{- define "genrec.labels" -}}

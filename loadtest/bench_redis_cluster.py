@@ -14,7 +14,11 @@ loopback TCP, persistence off. On each, with N synthetic users (64-dim float16 e
     deletion of an old version by name (no scan), seconds;
 (e) the failover window (cluster only): seconds from SIGKILL of a primary to the first
     successful write to one of its slots (on the promoted replica), with
-    cluster-node-timeout `--node-timeout-ms`; a client writing in a loop measures it.
+    cluster-node-timeout `--node-timeout-ms`; a client writing in a loop measures it;
+(f) a second primary killed (cluster only): for `--down-seconds`, the share of reads of its
+    users and of the other primaries' users that two gateway stores answer at once, one
+    with the Redis cool-down per node (the gateway's) and one with a single cool-down for
+    the whole cluster (the baseline: the gateway before it was per node).
 
 Then a sizing table for `--target-users` users from the measured bytes per user: memory for
 the versions kept, primaries and nodes per node size.

@@ -221,6 +221,8 @@ def build(
     """Builds the bundle into `out` (replaced) and returns its manifest. `preset` and
     `dataset_source` (what `--dataset` named) are recorded so `genrec eval --seeds` can
     build the same bundle with another seed."""
+    if base_model is not None:  # before anything is replaced or computed
+        llm.check_base_model(base_model)
     torch.manual_seed(cfg.seed)
     timer = Timer()
     if out.exists():

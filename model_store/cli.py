@@ -219,15 +219,9 @@ def build(
 
     from model_store import data
     from model_store.config import PRESETS, override
+    from model_store.llm import BaseModelError
 
     set_threads(threads)
-    if base_model is not None:
-        from model_store.llm import BaseModelError, check_base_model
-
-        try:
-            check_base_model(base_model)
-        except BaseModelError as e:
-            raise fail(str(e)) from e
     cfg = PRESETS[preset.value].with_seed(seed)
     if max_users is not None:
         cfg = replace(cfg, max_users=max_users)
@@ -241,16 +235,19 @@ def build(
     except data.DataError as e:
         raise fail(str(e)) from e
     start = time.perf_counter()
-    manifest = run_build(
-        ds,
-        out,
-        cfg,
-        source=dataset_source(dataset),
-        preset=preset.value,
-        holdout=holdout.value,
-        base_model=base_model,
-        run_eval=evaluate,
-    )
+    try:
+        manifest = run_build(
+            ds,
+            out,
+            cfg,
+            source=dataset_source(dataset),
+            preset=preset.value,
+            holdout=holdout.value,
+            base_model=base_model,
+            run_eval=evaluate,
+        )
+    except BaseModelError as e:  # checked before the first stage
+        raise fail(str(e)) from e
     typer.echo(
         f"bundle {manifest['bundle_version']} in {time.perf_counter() - start:.0f} s → {out}"
     )
@@ -419,7 +416,7 @@ def embed_users_command(
     last run) on Ray Data, and publish it as a new version (the daily batch job)."""
     from model_store.bundle import BundleError, load_bundle
     from model_store.embed_users import EmbedOptions, JobLocked, RayUnreachable, embed_users
-    from model_store.userstate.connect import redis_url_or_embedded
+    from model_store.userstate.connect import command_redis
 
     try:
         bundle = load_bundle(bundle_dir)
@@ -428,15 +425,15 @@ def embed_users_command(
     if snapshots.exists() and not snapshots.is_dir():
         raise fail(f"--snapshots {snapshots}: not a directory")
     options = EmbedOptions(snapshots, address, workers, batch_size, history_len, redis_cluster)
-    with redis_failures(redis_url), unwinding_on_sigterm():
-        url, embedded = redis_url_or_embedded(redis_url, redis_db)
+    with (
+        redis_failures(redis_url),
+        unwinding_on_sigterm(),
+        command_redis(redis_url, redis_db) as url,
+    ):
         try:
             report = embed_users(bundle, url, options)
         except (JobLocked, RayUnreachable) as e:
             raise fail(str(e)) from e
-        finally:
-            if embedded is not None:
-                embedded.close()
     typer.echo(
         f"embedded {report.users} users ({report.new_users} new, {report.events} events) as "
         f"{report.version} in {report.seconds:.1f} s ({report.users_per_s:,.0f} users/s); "

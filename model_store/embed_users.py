@@ -456,31 +456,27 @@ def discard_version(client: SyncClient, version: str, snapshot: Path | None) -> 
         shutil.rmtree(snapshot, ignore_errors=True)
 
 
-def sweep_killed_run(client: SyncClient) -> str | None:
+def sweep_killed_run(client: SyncClient) -> None:
     """Deletes what a run killed before its own cleanup left behind (SIGKILL, a lost node):
     its version's keys and snapshot, found in the record it wrote before its first write.
-    Called under the job lock, so that run is over. The version swept, if any."""
+    Called under the job lock, so that run is over."""
     record = {_text(k): _text(v) for k, v in client.hgetall(BUILDING).items()}
     version = record.get("version")
     if not version:
-        return None
+        return
     log.warning("sweeping version %s of a run that ended without its cleanup", version)
     snapshot = record.get("snapshot")
     discard_version(client, version, Path(snapshot) if snapshot else None)
-    return version
 
 
-def sweep_snapshots(snapshots: Path, keep: Iterable[str]) -> list[str]:
+def sweep_snapshots(snapshots: Path, keep: Iterable[str]) -> None:
     """Removes the snapshots in `snapshots` of versions that are no longer listed (deleted by
     a flip, here or by another publisher): only the last two are ever built on. A directory
     counts as a snapshot when it holds the snapshot info, which is written last."""
     kept = set(keep)
-    gone = []
-    for info in sorted(snapshots.glob(f"*/{SNAPSHOT_INFO}")):
+    for info in snapshots.glob(f"*/{SNAPSHOT_INFO}"):
         if info.parent.name not in kept:
             shutil.rmtree(info.parent, ignore_errors=True)
-            gone.append(info.parent.name)
-    return gone
 
 
 class RayUnreachable(RuntimeError):

@@ -120,8 +120,8 @@ class BaseModelError(ValueError):
 
 
 def check_base_model(base_dir: Path) -> None:
-    """Reads the base model's config only (a fraction of a second), so that a wrong
-    `--base-model` fails before the build's first stage and not after its embeddings."""
+    """Reads the base model's config only (a fraction of a second): the build calls it
+    first, so a wrong `--base-model` fails before its first stage, not after minutes."""
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, AutoConfig
 
     if not (base_dir / "config.json").is_file():
@@ -149,7 +149,6 @@ def extend_base_model(base_dir: Path, vocab: Vocab) -> tuple[PreTrainedModel, Vo
     """
     from transformers import AutoTokenizer
 
-    check_base_model(base_dir)
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
     base_vocab = tokenizer.get_vocab()

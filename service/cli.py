@@ -26,7 +26,7 @@ from model_store.cli import (
     redis_failures,
     set_threads,
 )
-from model_store.userstate.connect import redis_url_or_embedded
+from model_store.userstate.connect import command_redis
 from service.schemas import MAX_K
 from service.settings import Settings
 
@@ -83,13 +83,8 @@ def _first_run(
     An embedded Redis (no `redis_url`) is closed before this returns: the gateway opens its
     own on the same file, and uvicorn ends a process stopped by a signal by raising the
     signal again, past any `finally` of a caller, so a server held there would outlive it."""
-    with redis_failures(redis_url):
-        url, embedded = redis_url_or_embedded(redis_url, redis_db)
-        try:
-            return _publish_unless_current(url, bundle, history_len, force, cluster)
-        finally:
-            if embedded is not None:
-                embedded.close()
+    with redis_failures(redis_url), command_redis(redis_url, redis_db) as url:
+        return _publish_unless_current(url, bundle, history_len, force, cluster)
 
 
 def _publish_unless_current(

@@ -4,7 +4,8 @@ URL is given. The one factory every client (gateway, CLI, daily job, rate limite
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal, overload
 
@@ -54,6 +55,17 @@ def redis_url_or_embedded(url: str | None, db_file: Path) -> tuple[str, Embedded
         return url, None
     embedded = EmbeddedRedis(db_file)
     return embedded.url, embedded
+
+
+@contextmanager
+def command_redis(url: str | None, db_file: Path) -> Iterator[str]:
+    """`url`, else an embedded server on `db_file` for as long as a command runs."""
+    url, embedded = redis_url_or_embedded(url, db_file)
+    try:
+        yield url
+    finally:
+        if embedded is not None:
+            embedded.close()
 
 
 @overload
